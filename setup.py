@@ -1,0 +1,24 @@
+"""transformer: the Transformer of Vaswani et al. (2017) in JAX/Flax, for TPU and GPU."""
+
+import setuptools
+
+setuptools.setup(
+    name="transformer",
+    version="0.1.0",
+    description="JAX/Flax research codebase for 'Attention Is All You Need'.",
+    packages=setuptools.find_packages(include=["transformer", "transformer.*", "experiments", "experiments.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.6",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "chex>=0.1.89",
+        "absl-py>=2.1",
+        "ml-collections>=1.0",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.6"],
+    },
+)
