@@ -1,0 +1,126 @@
+"""Every attention kernel against a NumPy reference; the module's cache and grouped heads."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import attention
+
+IMPLEMENTATIONS = attention.IMPLEMENTATIONS
+
+
+def numpy_attention(q, k, v, mask, bias):
+    """Loops over batch, heads and queries; a query with no visible key outputs zeros."""
+    batch, q_len, num_heads, head_dim = q.shape
+    groups = num_heads // k.shape[2]
+    mask = np.broadcast_to(mask, (batch, num_heads, q_len, k.shape[1]))
+    bias = np.broadcast_to(bias, mask.shape)
+    out = np.zeros_like(q, dtype=np.float64)
+    for b in range(batch):
+        for n in range(num_heads):
+            for t in range(q_len):
+                keep = mask[b, n, t]
+                if not keep.any():
+                    continue
+                scores = k[b, :, n // groups] @ q[b, t, n] / np.sqrt(head_dim) + bias[b, n, t]
+                scores = np.where(keep, scores, -np.inf)
+                weights = np.exp(scores - scores.max())
+                weights /= weights.sum()
+                out[b, t, n] = weights @ v[b, :, n // groups]
+    return out
+
+
+def make_inputs(seed=0, batch=2, q_len=5, kv_len=7, num_heads=4, num_kv_heads=2, head_dim=8):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(batch, q_len, num_heads, head_dim)).astype(np.float32)
+    k = rng.normal(size=(batch, kv_len, num_kv_heads, head_dim)).astype(np.float32)
+    v = rng.normal(size=(batch, kv_len, num_kv_heads, head_dim)).astype(np.float32)
+    mask = rng.random((batch, 1, q_len, kv_len)) > 0.3
+    mask[0, 0, 2, :] = False  # a fully masked query row
+    mask[1, 0, 4, :] = False
+    bias = rng.normal(size=(batch, num_heads, q_len, kv_len)).astype(np.float32)
+    return q, k, v, mask, bias
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
+def test_matches_numpy_reference(implementation, num_kv_heads):
+    q, k, v, mask, bias = make_inputs(num_kv_heads=num_kv_heads)
+    expected = numpy_attention(q, k, v, mask, bias)
+    out = attention.dot_product_attention(q, k, v, mask, bias, implementation=implementation, chunk_size=3)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    assert not np.any(out[0, 2]) and not np.any(out[1, 4]), "fully masked rows must be zero"
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_without_mask_or_bias(implementation):
+    q, k, v, _, _ = make_inputs(seed=1)
+    expected = numpy_attention(q, k, v, np.ones((1, 1, 1, 1), bool), np.zeros((1, 1, 1, 1)))
+    out = attention.dot_product_attention(q, k, v, implementation=implementation, chunk_size=4)
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["fused", "chunked"])
+def test_gradients_match_reference(implementation):
+    q, k, v, mask, bias = make_inputs(seed=2)
+
+    def loss(impl, q, k, v):
+        out = attention.dot_product_attention(q, k, v, mask, bias, implementation=impl, chunk_size=3)
+        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape) / out.size)
+
+    expected = jax.grad(loss, argnums=(1, 2, 3))("reference", q, k, v)
+    actual = jax.grad(loss, argnums=(1, 2, 3))(implementation, q, k, v)
+    for e, a in zip(expected, actual):
+        np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
+
+
+def test_dropout_keeps_expectation_and_zeroes_weights():
+    q, k, v, mask, bias = make_inputs(seed=3)
+    clean = attention.dot_product_attention(q, k, v, mask, bias)
+    dropped = attention.dot_product_attention(q, k, v, mask, bias, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    assert not np.allclose(clean, dropped)
+    again = attention.dot_product_attention(q, k, v, mask, bias, dropout_rate=0.5, dropout_rng=jax.random.key(0))
+    np.testing.assert_array_equal(dropped, again)
+
+
+def test_bad_shapes_raise():
+    q, k, v, mask, bias = make_inputs()
+    with pytest.raises(ValueError, match="multiple of key/value heads"):
+        attention.dot_product_attention(q[:, :, :3], k, v)
+    with pytest.raises(ValueError, match="not broadcastable"):
+        attention.dot_product_attention(q, k, v, mask[:, :, :2])
+    with pytest.raises(ValueError, match="Unknown attention implementation"):
+        attention.dot_product_attention(q, k, v, implementation="flash")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_bfloat16(implementation):
+    q, k, v, mask, bias = make_inputs(seed=4)
+    expected = numpy_attention(q, k, v, mask, bias)
+    to_bf16 = lambda x: jnp.asarray(x, jnp.bfloat16)  # noqa: E731
+    out = attention.dot_product_attention(to_bf16(q), to_bf16(k), to_bf16(v), mask, bias,
+                                          implementation=implementation, chunk_size=3)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), expected, atol=0.1)
+
+
+def test_module_cache_reproduces_full_attention():
+    """Feeding keys one step at a time through the cache equals causal attention over all of them."""
+    module = attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, use_rope=True)
+    x = jnp.asarray(np.random.default_rng(5).normal(size=(2, 6, 16)), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    causal = jnp.tril(jnp.ones((6, 6), bool))[None, None]
+    variables = module.init(jax.random.key(0), x, x, mask=causal, query_positions=positions,
+                            key_positions=positions, decode=True)
+    params, cache = variables["params"], variables["cache"]
+    assert cache["cached_key"].shape == (2, 6, 2, 8)
+    full = module.apply({"params": params}, x, x, mask=causal, query_positions=positions, key_positions=positions)
+    for t in range(6):
+        step_mask = causal[:, :, t:t + 1]
+        out, mutated = module.apply(
+            {"params": params, "cache": cache}, x[:, t:t + 1], x[:, t:t + 1], mask=step_mask,
+            query_positions=positions[:, t:t + 1], key_positions=positions[:, t:t + 1], decode=True,
+            decode_index=t, mutable=["cache"])
+        cache = mutated["cache"]
+        np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,261 @@
+"""Scaled dot-product attention (paper, Sec. 3.2) and the multi-head attention module.
+
+Axis legend, used in every shape and einsum string of this package:
+  B batch, T query length, S key length, D model dim, N query heads, K key/value heads,
+  G query heads per key/value head (N = K * G), H head dim, F feed-forward dim, V vocab.
+
+`dot_product_attention` is a pure function with three interchangeable kernels:
+  * "reference": plain einsums, softmax in float32. The readable definition.
+  * "fused": `jax.nn.dot_product_attention` (XLA; cuDNN flash attention on GPU in 16-bit dtypes).
+  * "chunked": online softmax over key blocks (Rabe & Staats 2021; Dao et al. 2022), memory
+    O(T * block) instead of O(T * S), for long sequences.
+All three agree on masked inputs, and all return zeros for a query whose keys are all masked
+(a padding query), rather than an average of values.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer import positional
+
+IMPLEMENTATIONS = ("reference", "fused", "chunked")
+# A large finite negative rather than -inf, so fully masked rows stay NaN-free.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dot_product_attention(
+    query,
+    key,
+    value,
+    mask=None,
+    bias=None,
+    *,
+    implementation: str = "reference",
+    dropout_rate: float = 0.0,
+    dropout_rng=None,
+    chunk_size: int = 128,
+):
+    """softmax(Q K^T / sqrt(d_k) + bias) V over the unmasked keys (paper, eq. 1).
+
+    Args:
+      query: [B, T, N, H].
+      key, value: [B, S, K, H], with N a multiple of K (grouped-query attention when K < N).
+      mask: bool, broadcastable to [B, N, T, S]; True = attend. None = attend everywhere.
+      bias: float, broadcastable to [B, N, T, S]; added to the logits (relative positions, ALiBi).
+      implementation: "reference", "fused" or "chunked".
+      dropout_rate: dropout on the attention weights, applied when `dropout_rng` is given.
+      chunk_size: key block length of the "chunked" kernel.
+    Returns:
+      [B, T, N, H] in the query's dtype.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    if key.shape != value.shape or key.shape[0] != batch or key.shape[3] != head_dim:
+        raise ValueError(f"key {key.shape} and value {value.shape} must be [B, S, K, H] matching query {query.shape}.")
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}).")
+    full = (batch, num_heads, q_len, kv_len)
+    for name, x in (("mask", mask), ("bias", bias)):
+        if x is not None and (x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full))):
+            raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S] = {list(full)}.")
+    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if implementation == "reference" or (implementation == "fused" and use_dropout):
+        # NOTE: jax.nn.dot_product_attention has no dropout, so training with attention dropout
+        # takes the reference path.
+        return _reference_attention(query, key, value, mask, bias, dropout_rate if use_dropout else 0.0, dropout_rng)
+    if implementation == "fused":
+        return _fused_attention(query, key, value, mask, bias)
+    if implementation == "chunked":
+        return _chunked_attention(
+            query, key, value, mask, bias, dropout_rate if use_dropout else 0.0, dropout_rng, chunk_size)
+    raise ValueError(f"Unknown attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}.")
+
+
+def _group_heads(x, num_kv_heads):
+    """[B, N or 1, T, S] -> [B, K or 1, G or 1, T, S], splitting query heads into kv groups."""
+    if x.shape[1] == 1:
+        return x[:, :, None]
+    return x.reshape(x.shape[0], num_kv_heads, -1, *x.shape[2:])
+
+
+def _dropout(rng, weights, rate):
+    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    return jnp.where(keep, weights / (1.0 - rate), 0.0)
+
+
+def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rng):
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    query = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, H]
+    query = query * jnp.asarray(head_dim**-0.5, query.dtype)
+    # attn_logits: [B, K, G, T, S], accumulated and normalised in float32.
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32)
+    if bias is not None:
+        logits = logits + _group_heads(bias, num_kv_heads).astype(jnp.float32)
+    if mask is not None:
+        mask = _group_heads(mask, num_kv_heads)
+        logits = jnp.where(mask, logits, _MASKED)
+    weights = jax.nn.softmax(logits, axis=-1)
+    if mask is not None:
+        weights = jnp.where(mask, weights, 0.0)  # a fully masked row attends to nothing
+    if dropout_rate > 0.0:
+        weights = _dropout(dropout_rng, weights, dropout_rate)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.astype(value.dtype), value)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _fused_attention(query, key, value, mask, bias):
+    on_gpu = jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
+    out = jax.nn.dot_product_attention(
+        query, key, value, bias=None if bias is None else bias.astype(query.dtype), mask=mask,
+        implementation="cudnn" if on_gpu else "xla")
+    if mask is not None:
+        # The fused kernels average all values for a fully masked row; zero it like the reference.
+        any_key = jnp.any(mask, axis=-1)  # [B, N or 1, T]
+        out = out * jnp.transpose(any_key, (0, 2, 1))[..., None].astype(out.dtype)  # [B, T, N or 1, 1]
+    return out
+
+
+def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng, chunk_size):
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    chunk = min(chunk_size, kv_len)
+    num_chunks = -(-kv_len // chunk)
+    pad = num_chunks * chunk - kv_len
+
+    # Pad keys to whole blocks; padded keys are masked out.
+    valid = jnp.arange(num_chunks * chunk) < kv_len
+    if mask is None:
+        mask = valid[None, None, None, :]
+    else:
+        mask = jnp.broadcast_to(mask, mask.shape[:3] + (kv_len,))
+        mask = jnp.pad(mask, ((0, 0),) * 3 + ((0, pad),)) & valid
+    key = jnp.pad(key, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    value = jnp.pad(value, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if bias is not None:
+        bias = jnp.broadcast_to(bias.astype(jnp.float32), bias.shape[:3] + (kv_len,))
+        bias = jnp.pad(bias, ((0, 0),) * 3 + ((0, pad),))
+
+    def blocks(x, axis):  # split the key axis into [num_chunks, ..., chunk, ...], blocks leading
+        x = x.reshape(*x.shape[:axis], num_chunks, chunk, *x.shape[axis + 1:])
+        return jnp.moveaxis(x, axis, 0)
+
+    xs = dict(key=blocks(key, 1), value=blocks(value, 1), mask=blocks(_group_heads(mask, num_kv_heads), 4),
+              index=jnp.arange(num_chunks))
+    if bias is not None:
+        xs["bias"] = blocks(_group_heads(bias, num_kv_heads), 4)
+    query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, query.dtype)
+
+    @jax.checkpoint  # recompute each block's probabilities in the backward pass instead of storing them
+    def step(carry, block):
+        running_max, denominator, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, block["key"], preferred_element_type=jnp.float32)
+        if "bias" in block:
+            logits = logits + block["bias"]
+        logits = jnp.where(block["mask"], logits, _MASKED)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        probs = jnp.exp(logits - new_max[..., None]) * block["mask"]  # masked keys contribute exactly 0
+        correction = jnp.exp(running_max - new_max)
+        denominator = denominator * correction + probs.sum(axis=-1)
+        if dropout_rate > 0.0:
+            # Dropping unnormalised weights equals dropping normalised ones: the row scale is shared.
+            probs = _dropout(jax.random.fold_in(dropout_rng, block["index"]), probs, dropout_rate)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "BKGTS,BSKH->BKGTH", probs.astype(value.dtype), block["value"], preferred_element_type=jnp.float32)
+        return (new_max, denominator, acc), None
+
+    stats_shape = (batch, num_kv_heads, groups, q_len)
+    init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (head_dim,), jnp.float32))
+    (_, denominator, acc), _ = jax.lax.scan(step, init, xs)
+    out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
+    out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (paper, Sec. 3.2.2) with grouped key/value heads and a decoding cache.
+
+    Projections W^Q [D, N, H], W^K, W^V [D, K, H], W^O [N, H, D]; no biases, as in tensor2tensor.
+    With `decode=True` the keys and values of each call are written into a cache at `decode_index`
+    and the queries attend over the whole cache; the caller's mask decides which entries are live.
+    """
+
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    dropout_rate: float = 0.0
+    implementation: str = "fused"
+    chunk_size: int = 128
+    use_rope: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, inputs_q, inputs_kv, *, mask=None, bias=None, query_positions=None, key_positions=None,
+                 deterministic: bool = True, decode: bool = False, decode_index=None):
+        """[B, T, D] queries attend to [B, S, D] keys/values -> [B, T, D].
+
+        Args:
+          mask, bias: broadcastable to [B, N, T, S] (S = cache length when decoding).
+          query_positions, key_positions: [B, T], [B, S] int, used by RoPE.
+          decode: write this call's keys/values into the cache at `decode_index` (a scalar).
+        """
+        num_kv_heads = self.num_kv_heads or self.num_heads
+        d_model = inputs_q.shape[-1]
+        param = functools.partial(_projection, self, dtype=self.dtype)
+        w_q = param("query", (d_model, self.num_heads, self.head_dim), ("embed", "heads", "kv"), 0, (1, 2))
+        w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), 0, (1, 2))
+        w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), 0, (1, 2))
+        w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), (0, 1), 2)
+
+        inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
+        query = jnp.einsum("BTD,DNH->BTNH", inputs_q, w_q)
+        key = jnp.einsum("BSD,DKH->BSKH", inputs_kv, w_k)
+        value = jnp.einsum("BSD,DKH->BSKH", inputs_kv, w_v)
+        if self.use_rope:
+            query = positional.apply_rope(query, query_positions)
+            key = positional.apply_rope(key, key_positions)
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
+
+        if decode:
+            key, value = self._update_cache(key, value, decode_index)
+
+        dropout_rng = None
+        if not deterministic and self.dropout_rate > 0.0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(
+            query, key, value, mask, bias, implementation=self.implementation, dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng, chunk_size=self.chunk_size)  # [B, T, N, H]
+        out = jnp.einsum("BTNH,NHD->BTD", out, w_o)
+        return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _update_cache(self, key, value, decode_index):
+        """Writes [B, T, K, H] keys/values at `decode_index`; returns the whole cache [B, S, K, H].
+
+        The first call (during `init`) sizes the cache from the given keys and leaves it empty.
+        """
+        initialized = self.has_variable("cache", "cached_key")
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        if not initialized:
+            return key, value
+        start = (0, decode_index, 0, 0)
+        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
+        cached_value.value = jax.lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), start)
+        return cached_key.value, cached_value.value
+
+
+def _projection(module, name, shape, axes, in_axis, out_axis, *, dtype):
+    """A float32 projection kernel, Glorot-uniform initialised, annotated with logical axes."""
+    init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
+    kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+    return kernel.astype(dtype)

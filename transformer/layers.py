@@ -1,0 +1,135 @@
+"""Encoder and decoder layers (paper, Sec. 3.1) and their sub-layers.
+
+Each sub-layer (attention or feed-forward) is wrapped in a residual connection with dropout and
+layer normalisation, either after the sum as in the paper ("post": LayerNorm(x + Dropout(F(x))))
+or before the sub-layer ("pre": x + Dropout(F(LayerNorm(x))), more stable for deep stacks).
+
+Layer signatures are positional, with the mode flags last, so that `nn.scan` and `nn.remat` can
+wrap them (`static_argnums` counts from the end).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer.attention import MultiHeadAttention
+from transformer.config import ModelConfig
+
+_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward network (paper, eq. 2): max(0, x W1 + b1) W2 + b2.
+
+    `activation="swiglu"` is Shazeer (2020)'s gated variant: (silu(x W_gate) * x W1) W2, without biases.
+    """
+
+    d_ff: int
+    activation: str = "relu"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        """[B, T, D] -> [B, T, D]."""
+        d_model = x.shape[-1]
+        x = x.astype(self.dtype)
+        use_bias = self.activation != "swiglu"
+        hidden = _dense(self, "wi", x, self.d_ff, ("embed", "mlp"), use_bias)  # [B, T, F]
+        if self.activation == "swiglu":
+            hidden = nn.silu(_dense(self, "wi_gate", x, self.d_ff, ("embed", "mlp"), False)) * hidden
+        else:
+            hidden = _ACTIVATIONS[self.activation](hidden)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return _dense(self, "wo", hidden, d_model, ("mlp", "embed"), use_bias)
+
+
+def _dense(module, name, x, features, axes, use_bias):
+    """x [..., in] @ W [in, out] (+ b): float32 parameters, computed in x's dtype."""
+    kernel = module.param(
+        name, nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes), (x.shape[-1], features))
+    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+    if use_bias:
+        bias = module.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), (features,))
+        y = y + bias.astype(x.dtype)
+    return y
+
+
+def make_norm(kind: str, dtype, name: str) -> nn.Module:
+    """LayerNorm (Ba et al. 2016, the paper's choice) or RMSNorm (Zhang & Sennrich 2019)."""
+    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+    if kind == "rmsnorm":
+        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, name=name)
+    bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+
+
+def residual(cfg: ModelConfig, name: str, x, sublayer: Callable, deterministic: bool):
+    """Residual connection around `sublayer`, with dropout and post- or pre-normalisation."""
+    norm = make_norm(cfg.norm, cfg.compute_dtype, name=f"{name}_norm")
+    dropout = nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")
+    if cfg.norm_position == "pre":
+        return x + dropout(sublayer(norm(x)), deterministic=deterministic)
+    return norm(x + dropout(sublayer(x), deterministic=deterministic))
+
+
+def _attention(cfg: ModelConfig, name: str, use_rope: bool) -> MultiHeadAttention:
+    return MultiHeadAttention(
+        num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
+        dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention, chunk_size=cfg.attention_chunk_size,
+        use_rope=use_rope, dtype=cfg.compute_dtype, name=name)
+
+
+def _feed_forward(cfg: ModelConfig) -> FeedForward:
+    return FeedForward(d_ff=cfg.d_ff, activation=cfg.activation, dtype=cfg.compute_dtype, name="feed_forward")
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention, then feed-forward (paper, Sec. 3.1, "Encoder")."""
+
+    config: ModelConfig
+    scanned: bool = False  # return (x, None), the carry/output pair nn.scan expects
+
+    @nn.compact
+    def __call__(self, x, mask, bias, positions, deterministic: bool):
+        """x [B, S, D]; mask [B, 1, S, S]; bias [B, N, S, S] or None; positions [B, S] -> [B, S, D]."""
+        cfg = self.config
+        self_attention = _attention(cfg, "self_attention", use_rope=cfg.position == "rope")
+        x = residual(cfg, "self_attention", x, lambda h: self_attention(
+            h, h, mask=mask, bias=bias, query_positions=positions, key_positions=positions,
+            deterministic=deterministic), deterministic)
+        x = residual(cfg, "feed_forward", x, _feed_forward(cfg), deterministic)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return (x, None) if self.scanned else x
+
+
+class DecoderLayer(nn.Module):
+    """Masked self-attention, encoder-decoder attention, feed-forward (paper, Sec. 3.1, "Decoder").
+
+    With `cross_attention=False` (decoder-only language models) the middle sub-layer is absent.
+    """
+
+    config: ModelConfig
+    cross_attention: bool = True
+    scanned: bool = False
+
+    @nn.compact
+    def __call__(self, y, encoded, self_mask, self_bias, cross_mask, positions, decode_index,
+                 deterministic: bool, decode: bool):
+        """y [B, T, D]; encoded [B, S, D] or None; self_mask [B, 1, T, T'] (T' = cache length when
+        decoding); self_bias [B, N, T, T'] or None; cross_mask [B, 1, T, S]; positions [B, T]
+        -> [B, T, D]."""
+        cfg = self.config
+        self_attention = _attention(cfg, "self_attention", use_rope=cfg.position == "rope")
+        y = residual(cfg, "self_attention", y, lambda h: self_attention(
+            h, h, mask=self_mask, bias=self_bias, query_positions=positions, key_positions=positions,
+            deterministic=deterministic, decode=decode, decode_index=decode_index), deterministic)
+        if self.cross_attention:
+            cross_attention = _attention(cfg, "cross_attention", use_rope=False)
+            y = residual(cfg, "cross_attention", y, lambda h: cross_attention(
+                h, encoded, mask=cross_mask, deterministic=deterministic), deterministic)
+        y = residual(cfg, "feed_forward", y, _feed_forward(cfg), deterministic)
+        y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
+        return (y, None) if self.scanned else y

@@ -1,0 +1,324 @@
+"""The Transformer family: EncoderDecoder (translation), DecoderOnly (LM), EncoderOnly (BERT-style).
+
+All three share one embedding, one `Encoder` stack and one `Decoder` stack. Token id 0 is padding.
+Packed rows are described by `*_segment_ids` (1, 2, ... per sequence, 0 on padding) and
+`*_positions` (restarting at 0 in each sequence); both default to a single unpacked sequence.
+
+Dropout is on when the call is given a 'dropout' rng (`rngs={'dropout': key}`) and off otherwise,
+unless `deterministic` says so explicitly.
+
+Decoding with a cache (see `transformer.decoding`): run `decode(..., decode=True)` once in `init`
+on full-length decoder inputs to size the cache, then call it with one (or a few) new tokens at a
+time and `mutable=['cache']`; the cache tracks the position.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from transformer import masking, positional
+from transformer.config import ModelConfig
+from transformer.layers import DecoderLayer, EncoderLayer, make_norm
+
+
+def shift_right(targets, segment_ids=None):
+    """Decoder inputs from targets: [B, T] -> [B, T], a 0 (BOS) at the start of every sequence.
+
+    Position t of the output holds target t-1, so the decoder predicts target t from targets < t.
+    """
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    if segment_ids is not None:  # packed rows: each sequence starts with BOS, not the previous one's end
+        shifted = jnp.where(segment_ids == jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1], shifted, 0)
+    return shifted
+
+
+class Embed(nn.Module):
+    """Token embedding [V, D], scaled by sqrt(d_model) (paper, Sec. 3.4), and its transpose for logits."""
+
+    vocab_size: int
+    d_model: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        # std d_model^-0.5, so that scaled embeddings have unit variance.
+        init = nn.initializers.normal(stddev=self.d_model**-0.5)
+        self.embedding = self.param(
+            "embedding", nn.with_logical_partitioning(init, ("vocab", "embed")), (self.vocab_size, self.d_model))
+
+    def __call__(self, ids):
+        """[B, T] int -> [B, T, D]."""
+        x = jnp.take(self.embedding, ids, axis=0) * jnp.sqrt(jnp.float32(self.d_model))
+        return x.astype(self.dtype)
+
+    def attend(self, x):
+        """Pre-softmax projection with the shared weights: [B, T, D] -> logits [B, T, V]."""
+        return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype))
+
+
+def _default_positions(tokens, positions):
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def _add_absolute_positions(cfg: ModelConfig, x, positions, deterministic):
+    """Adds sinusoidal or learned position encodings (if configured), then dropout (paper, Sec. 5.4)."""
+    if cfg.position == "sinusoidal":
+        x = x + positional.sinusoidal(positions, cfg.d_model).astype(x.dtype)
+    elif cfg.position == "learned":
+        if x.shape[1] > cfg.max_len:
+            raise ValueError(f"Sequence length {x.shape[1]} exceeds ModelConfig.max_len={cfg.max_len}, the size "
+                             "of the learned position table: raise max_len or shorten the input.")
+        x = x + positional.LearnedPositionEmbedding(cfg.max_len, cfg.d_model, name="position_embedding")(
+            positions).astype(x.dtype)
+    x = nn.Dropout(cfg.dropout_rate, name="embedding_dropout")(x, deterministic=deterministic)
+    return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+def _position_bias(cfg: ModelConfig, query_positions, key_positions, bidirectional: bool):
+    """The [B, N, T, S] attention bias of relative schemes (shared by all layers), else None."""
+    if cfg.position == "relative":
+        return positional.RelativePositionBias(
+            cfg.num_heads, cfg.relative_num_buckets, cfg.relative_max_distance, bidirectional,
+            name="relative_position_bias")(query_positions, key_positions)
+    if cfg.position == "alibi":
+        return positional.alibi_bias(query_positions, key_positions, cfg.num_heads)
+    return None
+
+
+def _apply_layers(cfg: ModelConfig, layer_cls, num_layers: int, x, args, num_static: int, **layer_kwargs):
+    """Runs `num_layers` layers: a Python loop, or one `nn.scan`ned layer; optionally rematerialised.
+
+    `args` are the per-call arguments after x (shared by every layer), of which the last
+    `num_static` are Python values (mode flags).
+    """
+    if cfg.remat:
+        # NOTE: flax counts static_argnums from `self` (0), then x (1), then args.
+        num_args = 2 + len(args)
+        layer_cls = nn.remat(layer_cls, prevent_cse=not cfg.scan_layers,
+                             static_argnums=tuple(range(num_args - num_static, num_args)))
+    if not cfg.scan_layers:
+        for i in range(num_layers):
+            x = layer_cls(cfg, name=f"layer_{i}", **layer_kwargs)(x, *args)
+        return x
+    scanned = nn.scan(
+        layer_cls,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast,) * len(args),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    x, _ = scanned(cfg, scanned=True, name="layers", **layer_kwargs)(x, *args)
+    return x
+
+
+class Encoder(nn.Module):
+    """A stack of `EncoderLayer`s over embedded tokens (paper, Fig. 1, left)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, valid, segment_ids, positions, *, deterministic: bool):
+        """x [B, S, D] embedded tokens; valid [B, S] bool; segment_ids, positions [B, S] -> [B, S, D]."""
+        cfg = self.config
+        x = _add_absolute_positions(cfg, x, positions, deterministic)
+        index = jnp.arange(x.shape[1])
+        mask = masking.combine_masks(
+            masking.padding_mask(valid, valid),
+            None if segment_ids is None else masking.segment_mask(segment_ids, segment_ids),
+            None if cfg.sliding_window is None else masking.sliding_window_mask(index, index, cfg.sliding_window))
+        bias = _position_bias(cfg, positions, positions, bidirectional=True)
+        x = _apply_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, (mask, bias, positions, deterministic), 1)
+        if cfg.norm_position == "pre":
+            x = make_norm(cfg.norm, cfg.compute_dtype, name="final_norm")(x)
+        return x
+
+
+class Decoder(nn.Module):
+    """A stack of `DecoderLayer`s (paper, Fig. 1, right), with or without encoder-decoder attention."""
+
+    config: ModelConfig
+    cross_attention: bool = True
+
+    @nn.compact
+    def __call__(self, y, segment_ids, positions, encoded=None, encoder_valid=None,
+                 encoder_segment_ids=None, *, deterministic: bool, decode: bool = False):
+        """y [B, T, D] embedded decoder inputs; segment_ids, positions [B, T]; encoded [B, S, D];
+        encoder_valid, encoder_segment_ids [B, S] -> [B, T, D].
+
+        NOTE: self-attention has no padding mask: with right padding the causal mask already keeps
+        real queries off padded keys, and leaving it out keeps logits[:, t] a function of
+        decoder_inputs[:, :t+1] alone (packed rows are separated by their segment ids).
+        """
+        cfg = self.config
+        batch, length = y.shape[:2]
+        decode_index = None
+        if decode:
+            query_index, key_index, decode_index = self._advance_cache(length)
+        else:
+            query_index = key_index = jnp.arange(length)
+        if positions is None:
+            positions = jnp.broadcast_to(query_index, (batch, length))
+        key_positions = positions if not decode else jnp.broadcast_to(key_index, (batch, key_index.shape[0]))
+
+        y = _add_absolute_positions(cfg, y, positions, deterministic)
+        self_mask = masking.combine_masks(
+            masking.causal_mask(query_index, key_index),
+            None if segment_ids is None else masking.segment_mask(segment_ids, segment_ids),
+            None if cfg.sliding_window is None else masking.sliding_window_mask(
+                query_index, key_index, cfg.sliding_window))
+        self_bias = _position_bias(cfg, positions, key_positions, bidirectional=False)
+        cross_mask = None
+        if self.cross_attention:
+            cross_mask = masking.combine_masks(
+                masking.padding_mask(jnp.ones((batch, length), bool), encoder_valid),
+                None if segment_ids is None or encoder_segment_ids is None
+                else masking.segment_mask(segment_ids, encoder_segment_ids))
+        args = (encoded, self_mask, self_bias, cross_mask, positions, decode_index, deterministic, decode)
+        y = _apply_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, args, 2,
+                          cross_attention=self.cross_attention)
+        if cfg.norm_position == "pre":
+            y = make_norm(cfg.norm, cfg.compute_dtype, name="final_norm")(y)
+        return y
+
+    def _advance_cache(self, length):
+        """Decoding: query indices [T], cache key indices [S], and the write index; advances the index.
+
+        The first call (in `init`) sizes the cache to `length` and leaves the index at 0.
+        """
+        initialized = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        key_index = self.variable("cache", "key_index", lambda: jnp.arange(length, dtype=jnp.int32))
+        if not initialized:
+            return jnp.arange(length), key_index.value, 0
+        start = index.value
+        index.value = start + length
+        return start + jnp.arange(length), key_index.value, start
+
+
+class _Model(nn.Module):
+    config: ModelConfig
+
+    def _deterministic(self, deterministic):
+        return (not self.has_rng("dropout")) if deterministic is None else deterministic
+
+    def _embed(self, name):
+        cfg = self.config
+        return Embed(cfg.vocab_size, cfg.d_model, cfg.compute_dtype, name=name)
+
+    def _output_projection(self):
+        """The untied pre-softmax projection [D, V]; None when tied to the embedding (paper, Sec. 3.4)."""
+        cfg = self.config
+        if cfg.tie_output:
+            return None
+        return _dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, use_bias=False, name="logits")
+
+    def _logits(self, embed: Embed, y):
+        """[B, T, D] -> logits [B, T, V] float32."""
+        logits = embed.attend(y) if self.output_projection is None else self.output_projection(y)
+        logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+        return logits.astype(jnp.float32)
+
+
+def _dense(features, axes, dtype, *, use_bias=True, name=None):
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
+
+
+class EncoderDecoder(_Model):
+    """The paper's Transformer for sequence-to-sequence tasks such as translation."""
+
+    def setup(self):
+        cfg = self.config
+        self.source_embedding = self._embed("embedding" if cfg.share_embeddings else "source_embedding")
+        self.target_embedding = self.source_embedding if cfg.share_embeddings else self._embed("target_embedding")
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg, cross_attention=True)
+        self.output_projection = self._output_projection()
+
+    def __call__(self, inputs, targets, *, inputs_segment_ids=None, targets_segment_ids=None,
+                 inputs_positions=None, targets_positions=None, deterministic: bool | None = None):
+        """inputs [B, S], targets [B, T] int -> logits [B, T, V] float32.
+
+        logits[:, t] predicts targets[:, t] from targets[:, :t] and all of inputs.
+        """
+        deterministic = self._deterministic(deterministic)
+        encoded = self.encode(inputs, segment_ids=inputs_segment_ids, positions=inputs_positions,
+                              deterministic=deterministic)
+        return self.decode(encoded, inputs, shift_right(targets, targets_segment_ids),
+                           inputs_segment_ids=inputs_segment_ids, targets_segment_ids=targets_segment_ids,
+                           targets_positions=targets_positions, deterministic=deterministic)
+
+    def encode(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
+        """inputs [B, S] int -> encoded [B, S, D]."""
+        deterministic = self._deterministic(deterministic)
+        positions = _default_positions(inputs, positions)
+        return self.encoder(self.source_embedding(inputs), inputs != 0, segment_ids, positions,
+                            deterministic=deterministic)
+
+    def decode(self, encoded, inputs, decoder_inputs, *, inputs_segment_ids=None,
+               targets_segment_ids=None, targets_positions=None, deterministic: bool | None = None,
+               decode: bool = False):
+        """encoded [B, S, D], inputs [B, S] (for its padding), decoder_inputs [B, T] -> logits [B, T, V].
+
+        `decoder_inputs` are already shifted (BOS = 0 first).
+        """
+        deterministic = self._deterministic(deterministic)
+        y = self.decoder(self.target_embedding(decoder_inputs), targets_segment_ids, targets_positions,
+                         encoded, inputs != 0, inputs_segment_ids, deterministic=deterministic, decode=decode)
+        return self._logits(self.target_embedding, y)
+
+
+class DecoderOnly(_Model):
+    """A causal language model: the paper's decoder without encoder-decoder attention."""
+
+    def setup(self):
+        self.embedding = self._embed("embedding")
+        self.decoder = Decoder(self.config, cross_attention=False)
+        self.output_projection = self._output_projection()
+
+    def __call__(self, targets, *, segment_ids=None, positions=None, deterministic: bool | None = None):
+        """targets [B, T] int -> logits [B, T, V]; logits[:, t] predicts targets[:, t] from targets[:, :t]."""
+        return self.decode(shift_right(targets, segment_ids), segment_ids=segment_ids,
+                           positions=positions, deterministic=deterministic)
+
+    def decode(self, decoder_inputs, *, segment_ids=None, positions=None,
+               deterministic: bool | None = None, decode: bool = False):
+        """decoder_inputs [B, T] (already shifted) -> logits [B, T, V]."""
+        deterministic = self._deterministic(deterministic)
+        y = self.decoder(self.embedding(decoder_inputs), segment_ids, positions,
+                         deterministic=deterministic, decode=decode)
+        return self._logits(self.embedding, y)
+
+
+class EncoderOnly(_Model):
+    """A BERT-style bidirectional encoder with a per-token head (masked LM) or a pooled head.
+
+    `num_classes=None`: logits [B, S, V] over the vocabulary for every token.
+    `num_classes=C`: logits [B, C] from the first token's state through a tanh pooler (BERT's [CLS]).
+    """
+
+    num_classes: int | None = None
+
+    def setup(self):
+        cfg = self.config
+        self.embedding = self._embed("embedding")
+        self.encoder = Encoder(cfg)
+        if self.num_classes is None:
+            self.output_projection = self._output_projection()
+        else:
+            self.pooler = _dense(cfg.d_model, ("embed", "mlp"), cfg.compute_dtype, name="pooler")
+            self.classifier = _dense(self.num_classes, ("mlp", None), cfg.compute_dtype, name="classifier")
+
+    def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
+        """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head."""
+        deterministic = self._deterministic(deterministic)
+        positions = _default_positions(inputs, positions)
+        x = self.encoder(self.embedding(inputs), inputs != 0, segment_ids, positions, deterministic=deterministic)
+        if self.num_classes is None:
+            return self._logits(self.embedding, x)
+        pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D], the first token's state
+        return self.classifier(pooled).astype(jnp.float32)
