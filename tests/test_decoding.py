@@ -1,0 +1,150 @@
+"""Greedy, beam search and sampling: on hand-set logits and against the model's full forward pass."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import transformer as tfm
+from transformer import decoding
+
+EOS = 1
+# A Markov "model" whose next-token distribution depends on the previous token only.
+# Tokens: 0 BOS/pad, 1 EOS, 2-4 a forced chain A1 -> A2 -> A3 -> EOS, 5 C -> EOS, 6 junk.
+P_C, P_A = np.exp(-1.0), np.exp(-1.2)
+
+
+def markov_table():
+    probs = np.full((7, 7), 1e-12)
+    probs[0, 5], probs[0, 2], probs[0, 6] = P_C, P_A, 1 - P_C - P_A
+    probs[2, 3] = probs[3, 4] = probs[4, EOS] = probs[5, EOS] = 1.0
+    probs[6, 6], probs[6, EOS] = 0.5, 0.5
+    probs[1, 1] = 1.0
+    return jnp.log(jnp.asarray(probs, jnp.float32))
+
+
+def markov_logits_fn(tokens, cache):
+    return markov_table()[tokens[:, 0]], cache
+
+
+def test_beam_search_finds_the_known_best_and_length_penalty_changes_it():
+    cache = {"unused": jnp.zeros(())}
+    # Greedy takes C (0.37 > 0.30) and ends: "C EOS".
+    greedy = decoding.greedy(markov_logits_fn, cache, 1, 6, EOS)
+    np.testing.assert_array_equal(greedy[0], [5, EOS, 0, 0, 0, 0])
+    # Without a length penalty "C EOS" (log p = -1.0) beats "A1 A2 A3 EOS" (-1.2).
+    tokens, scores = decoding.beam_search(markov_logits_fn, cache, 1, 3, 6, EOS, alpha=0.0)
+    np.testing.assert_array_equal(tokens[0, 0], [5, EOS, 0, 0, 0, 0])
+    np.testing.assert_allclose(scores[0, 0], -1.0, rtol=1e-5)
+    np.testing.assert_array_equal(tokens[0, 1], [2, 3, 4, EOS, 0, 0])
+    # With alpha = 1 the longer sequence wins: -1.2 / (9/6) = -0.8 > -1.0 / (7/6) = -0.857.
+    tokens, scores = decoding.beam_search(markov_logits_fn, cache, 1, 3, 6, EOS, alpha=1.0)
+    np.testing.assert_array_equal(tokens[0, 0], [2, 3, 4, EOS, 0, 0])
+    np.testing.assert_allclose(scores[0, 0], -1.2 / 1.5, rtol=1e-5)
+
+
+def test_finished_beams_are_never_extended():
+    cache = {"unused": jnp.zeros(())}
+    tokens, scores = decoding.beam_search(markov_logits_fn, cache, 1, 4, 8, EOS, alpha=0.6)
+    for row, score in zip(np.asarray(tokens[0]), np.asarray(scores[0])):
+        if score <= decoding.NEG_INF / 2:
+            continue
+        ends = np.flatnonzero(row == EOS)
+        if ends.size:  # exactly one EOS, nothing after it
+            assert ends.size == 1 and not row[ends[0] + 1:].any(), row
+
+
+def test_top_p_and_top_k_filters():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+    kept = decoding.filter_logits(logits, top_p=0.7) > decoding.NEG_INF
+    np.testing.assert_array_equal(kept, [[True, True, False, False]])
+    kept = decoding.filter_logits(logits, top_k=3) > decoding.NEG_INF
+    np.testing.assert_array_equal(kept, [[True, True, True, False]])
+
+
+# ---------------------------------------------------------------------------------------------
+# On a real (randomly initialised) model.
+
+
+@pytest.fixture(scope="module")
+def translation_model():
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, dropout_rate=0.0, num_encoder_layers=1, num_decoder_layers=1)
+    model = tfm.EncoderDecoder(cfg)
+    inputs = jnp.array([[5, 6, 7, 8, EOS, 0], [9, 10, 11, EOS, 0, 0]])
+    params = model.init(jax.random.key(0), inputs, inputs)["params"]
+    return model, params, inputs
+
+
+def test_beam_size_one_equals_greedy(translation_model):
+    model, params, inputs = translation_model
+    translate = jax.jit(functools.partial(decoding.translate, model, eos_id=EOS, max_extra_length=6, alpha=0.0),
+                        static_argnames="beam_size")
+    np.testing.assert_array_equal(translate(params, inputs, beam_size=1), _beam_one(model, params, inputs))
+
+
+def _beam_one(model, params, inputs):
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    max_length = inputs.shape[1] + 6
+    cache = decoding.init_cache(model, params, max_length, 2, encoded, inputs)
+    tokens, _ = decoding.beam_search(decoding.encoder_decoder_step_fn(model, params, encoded, inputs), cache, 2, 1,
+                                     max_length, EOS, alpha=0.0)
+    return tokens[:, 0]
+
+
+def test_greedy_equals_argmax_of_full_forward(translation_model):
+    model, params, inputs = translation_model
+    tokens = decoding.translate(model, params, inputs, eos_id=EOS, beam_size=1, max_extra_length=2)
+    logits = model.apply({"params": params}, inputs, tokens)
+    # Each token is the argmax given the tokens before it (until EOS).
+    for row in range(2):
+        for t in range(tokens.shape[1]):
+            if t and tokens[row, t - 1] == EOS:
+                break
+            assert tokens[row, t] == jnp.argmax(logits[row, t])
+
+
+def test_cached_scores_equal_full_forward_scores(translation_model):
+    model, params, inputs = translation_model
+    targets = jnp.array([[3, 4, 5, EOS, 0], [6, 7, EOS, 0, 0]])
+    full = jax.nn.log_softmax(model.apply({"params": params}, inputs, targets))
+    full_scores = jnp.sum(jnp.take_along_axis(full, targets[..., None], -1)[..., 0] * (targets > 0), -1)
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    cache = decoding.init_cache(model, params, targets.shape[1], 2, encoded, inputs)
+    step = decoding.encoder_decoder_step_fn(model, params, encoded, inputs)
+    previous, cached_scores = jnp.zeros((2, 1), jnp.int32), jnp.zeros(2)
+    for t in range(targets.shape[1]):
+        logits, cache = step(previous, cache)
+        cached_scores += jax.nn.log_softmax(logits)[jnp.arange(2), targets[:, t]] * (targets[:, t] > 0)
+        previous = targets[:, t:t + 1]
+    np.testing.assert_allclose(cached_scores, full_scores, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def language_model():
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, dropout_rate=0.0, num_decoder_layers=1, position="rope")
+    model = tfm.DecoderOnly(cfg)
+    params = model.init(jax.random.key(1), jnp.ones((1, 4), jnp.int32))["params"]
+    return model, params
+
+
+def _sample(model, params, prompt, **kwargs):
+    cache = decoding.init_cache(model, params, 10, prompt.shape[0])
+    return decoding.sample(decoding.decoder_only_step_fn(model, params), cache, prompt.shape[0], 10, EOS,
+                           prompt=prompt, **kwargs)
+
+
+def test_top_k_one_sampling_equals_greedy_and_seeds_repeat(language_model):
+    model, params = language_model
+    prompt = jnp.array([[5, 6, 0], [7, 8, 9]])
+    greedy = _sample(model, params, prompt)
+    np.testing.assert_array_equal(greedy[:, :2], prompt[:, :2])  # the prompt is kept
+    np.testing.assert_array_equal(greedy[1, :3], prompt[1])
+    top1 = _sample(model, params, prompt, rng=jax.random.key(0), top_k=1)
+    np.testing.assert_array_equal(top1, greedy)
+    a = _sample(model, params, prompt, rng=jax.random.key(3), temperature=2.0)
+    b = _sample(model, params, prompt, rng=jax.random.key(3), temperature=2.0)
+    c = _sample(model, params, prompt, rng=jax.random.key(4), temperature=2.0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)

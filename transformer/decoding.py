@@ -1,0 +1,227 @@
+"""Decoding with the key/value cache inside `lax.while_loop`: greedy, beam search, sampling.
+
+All decoders work on a `logits_fn(tokens [B', 1], cache) -> (logits [B', V], cache)` that runs one
+cached decoder step; `encoder_decoder_step_fn` and `decoder_only_step_fn` build it for our models.
+Sequences are [B, L] token ids without the BOS; 0 pads after EOS.
+
+Beam search follows Wu et al. (2016) and the paper (beam 4, length penalty alpha 0.6):
+score = log P(y) / lp(y), lp(y) = ((5 + |y|) / 6) ** alpha. Finished hypotheses live in their own
+set and are never extended; the search stops once no live beam can beat the finished ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1.0e7  # finite "impossible" log-probability: keeps arithmetic NaN-free
+
+
+# ---------------------------------------------------------------------------------------------
+# Caches and step functions for the models.
+
+
+def init_cache(model, params, decoder_length: int, batch_size: int, *prefix):
+    """An empty cache for `decoder_length` steps: runs `model.decode` once in cache-creating mode.
+
+    `prefix`: the leading positional arguments of `model.decode` (EncoderDecoder: encoded, inputs).
+    """
+    dummy = jnp.zeros((batch_size, decoder_length), jnp.int32)
+    _, variables = model.apply({"params": params}, *prefix, dummy, decode=True, method=model.decode,
+                               mutable=["cache"])
+    return variables["cache"]
+
+
+def encoder_decoder_step_fn(model, params, encoded, inputs) -> Callable:
+    """Cached decoder step of an EncoderDecoder given encoded [B', S, D] and inputs [B', S]."""
+
+    def logits_fn(tokens, cache):
+        logits, variables = model.apply({"params": params, "cache": cache}, encoded, inputs, tokens, decode=True,
+                                        method=model.decode, mutable=["cache"])
+        return logits[:, -1], variables["cache"]
+
+    return logits_fn
+
+
+def decoder_only_step_fn(model, params) -> Callable:
+    def logits_fn(tokens, cache):
+        logits, variables = model.apply({"params": params, "cache": cache}, tokens, decode=True,
+                                        method=model.decode, mutable=["cache"])
+        return logits[:, -1], variables["cache"]
+
+    return logits_fn
+
+
+def gather_cache(cache, indices):
+    """Selects batch rows `indices` [B'] of every cached key/value ([..., B, S, K, H]); counters stay."""
+
+    def gather(path, leaf):
+        if getattr(path[-1], "key", None) in ("cached_key", "cached_value"):
+            return jnp.take(leaf, indices, axis=leaf.ndim - 4)
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(gather, cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy and sampling.
+
+
+def greedy(logits_fn, cache, batch_size: int, max_length: int, eos_id: int):
+    """Argmax decoding: [B, max_length] tokens, 0 after each row's EOS."""
+    return sample(logits_fn, cache, batch_size, max_length, eos_id, rng=None)
+
+
+def sample(logits_fn, cache, batch_size: int, max_length: int, eos_id: int, *, rng=None, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, prompt=None):
+    """Ancestral sampling (argmax when `rng` is None), with temperature, top-k and nucleus (top-p).
+
+    Args:
+      prompt: optional [B, P] tokens (0-padded on the right) to force before sampling starts.
+    Returns:
+      [B, max_length] tokens (the prompt included), 0 after each row's EOS.
+    """
+    prompt = jnp.zeros((batch_size, 0), jnp.int32) if prompt is None else prompt
+    prompt_lengths = jnp.sum(prompt != 0, axis=1)  # [B]
+    prompt = jnp.pad(prompt, ((0, 0), (0, max_length - prompt.shape[1])))
+
+    def body(state):
+        step, tokens, done, cache = state
+        previous = jnp.where(step == 0, 0, tokens[:, jnp.maximum(step - 1, 0)])
+        logits, cache = logits_fn(previous[:, None], cache)  # [B, V]
+        if rng is None:
+            chosen = jnp.argmax(logits, axis=-1)
+        else:
+            chosen = jax.random.categorical(jax.random.fold_in(rng, step),
+                                            filter_logits(logits / temperature, top_k, top_p))
+        chosen = jnp.where(step < prompt_lengths, prompt[:, step], chosen)
+        chosen = jnp.where(done, 0, chosen).astype(jnp.int32)
+        tokens = tokens.at[:, step].set(chosen)
+        done = done | ((chosen == eos_id) & (step >= prompt_lengths))
+        return step + 1, tokens, done, cache
+
+    def cond(state):
+        step, _, done, _ = state
+        return (step < max_length) & ~jnp.all(done)
+
+    init = (jnp.array(0), jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((batch_size,), bool), cache)
+    _, tokens, _, _ = jax.lax.while_loop(cond, body, init)
+    return tokens
+
+
+def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
+    """Keeps the top-k logits and the smallest set whose probability reaches top_p; others -> NEG_INF."""
+    if top_k:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, NEG_INF, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # The smallest logit still inside the nucleus (the first whose cumulative mass reaches top_p).
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    return logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search.
+
+
+def length_penalty(length, alpha: float):
+    """Wu et al. (2016): ((5 + length) / 6) ** alpha."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: int, eos_id: int,
+                alpha: float = 0.6):
+    """Beam search over a cache already expanded to [B * beam, ...] rows (beam-major within a batch row).
+
+    Returns:
+      (tokens [B, beam, max_length], scores [B, beam]) sorted best first; tokens end with EOS
+      (unless cut at max_length) and are 0 after it.
+    """
+    b, k = batch_size, beam_size
+
+    def flat(x):  # [B, K, ...] -> [B * K, ...]
+        return x.reshape(b * k, *x.shape[2:])
+
+    state = dict(
+        step=jnp.array(0),
+        live_tokens=jnp.zeros((b, k, max_length), jnp.int32),
+        # Only the first beam is live at the start, so the first expansion has no duplicates.
+        live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
+        finished_tokens=jnp.zeros((b, k, max_length), jnp.int32),
+        finished_scores=jnp.full((b, k), NEG_INF),
+        cache=cache,
+    )
+
+    def body(state):
+        step = state["step"]
+        previous = jnp.where(step == 0, 0, state["live_tokens"][:, :, jnp.maximum(step - 1, 0)])  # [B, K]
+        logits, cache = logits_fn(flat(previous)[:, None], state["cache"])
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, -1)  # [B, K, V]
+        vocab = logprobs.shape[-1]
+        candidates = (state["live_logprobs"][..., None] + logprobs).reshape(b, k * vocab)
+        # 2K candidates: even if K of them end in EOS, K live ones remain.
+        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)  # [B, 2K]
+        top_beam, top_token = top_index // vocab, top_index % vocab
+        top_tokens = jnp.take_along_axis(state["live_tokens"], top_beam[..., None], axis=1)  # [B, 2K, L]
+        top_tokens = top_tokens.at[:, :, step].set(top_token)
+        is_eos = top_token == eos_id
+
+        # Live set: the best K candidates not ending in EOS.
+        live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), k)
+        live_tokens = jnp.take_along_axis(top_tokens, live_pick[..., None], axis=1)
+        source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, K]
+        rows = (jnp.arange(b)[:, None] * k + source_beam).reshape(-1)
+        cache = gather_cache(cache, rows)
+
+        # Finished set: merge the old finished with candidates that just ended (or hit max length).
+        at_end = step == max_length - 1
+        ends = is_eos | at_end
+        new_scores = jnp.where(ends, top_logprobs / length_penalty(step + 1, alpha), NEG_INF)
+        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [B, 3K]
+        tokens = jnp.concatenate([state["finished_tokens"], top_tokens], axis=1)
+        finished_scores, finished_pick = jax.lax.top_k(scores, k)
+        finished_tokens = jnp.take_along_axis(tokens, finished_pick[..., None], axis=1)
+        return dict(step=step + 1, live_tokens=live_tokens, live_logprobs=live_logprobs,
+                    finished_tokens=finished_tokens, finished_scores=finished_scores, cache=cache)
+
+    def cond(state):
+        # Log-probabilities only fall as sequences grow, and the penalty is largest at max_length:
+        # that bounds what any live beam can still reach.
+        best_possible = state["live_logprobs"][:, 0] / length_penalty(max_length, alpha)
+        worst_finished = state["finished_scores"][:, -1]
+        can_improve = jnp.any(best_possible > worst_finished)
+        return (state["step"] < max_length) & can_improve
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state["finished_tokens"], state["finished_scores"]
+
+
+def expand_beams(x, beam_size: int):
+    """[B, ...] -> [B * beam, ...], each row repeated beam_size times (beam-major within a row)."""
+    return jnp.repeat(x, beam_size, axis=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level entry points.
+
+
+def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: float = 0.6,
+              max_extra_length: int = 50):
+    """EncoderDecoder inputs [B, S] -> best outputs [B, S + max_extra_length] (greedy when beam_size == 1)."""
+    batch = inputs.shape[0]
+    max_length = inputs.shape[1] + max_extra_length
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    if beam_size == 1:
+        cache = init_cache(model, params, max_length, batch, encoded, inputs)
+        return greedy(encoder_decoder_step_fn(model, params, encoded, inputs), cache, batch, max_length, eos_id)
+    encoded, beam_inputs = expand_beams(encoded, beam_size), expand_beams(inputs, beam_size)
+    cache = init_cache(model, params, max_length, batch * beam_size, encoded, beam_inputs)
+    tokens, _ = beam_search(encoder_decoder_step_fn(model, params, encoded, beam_inputs), cache, batch, beam_size,
+                            max_length, eos_id, alpha)
+    return tokens[:, 0]
