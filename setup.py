@@ -17,6 +17,14 @@ setuptools.setup(
         "absl-py>=2.1",
         "ml-collections>=1.0",
         "numpy>=1.26",
+        # Input pipeline (transformer/data): TFDS builders stored as array_record, read by grain.
+        "tensorflow-datasets>=4.9.10",
+        "importlib_resources>=6",  # TFDS 4.9.10 needs it at run time but declares it only for Python < 3.9
+        "grain>=0.2.18",
+        "array-record>=0.8",
+        "sentencepiece>=0.2.0",
+        # Evaluation and metrics.
+        "sacrebleu>=2.4",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6"],
