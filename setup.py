@@ -25,6 +25,7 @@ setuptools.setup(
         "sentencepiece>=0.2.0",
         # Evaluation and metrics.
         "sacrebleu>=2.4",
+        "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6"],

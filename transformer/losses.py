@@ -1,0 +1,107 @@
+"""Losses and the masked-language-model corruption: pure, jit-able functions of arrays.
+
+Losses return *sums* over real tokens together with the summed weight, so that sums from
+micro-batches, devices and hosts add up, and the caller normalises once: `loss_sum / weight_sum`.
+
+Legend: B batch, T length, V vocab. Token id 0 is padding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def default_weights(targets, weights=None):
+    """`weights` as float32, or 1.0 at real tokens (targets != 0) and 0.0 at padding. [B, T]."""
+    if weights is None:
+        return (targets != 0).astype(jnp.float32)
+    return jnp.asarray(weights, jnp.float32)
+
+
+def cross_entropy_with_label_smoothing(logits, targets, weights=None, label_smoothing: float = 0.1):
+    """Label-smoothed cross entropy (paper, Sec. 5.4), summed over weighted tokens.
+
+    The T2T / Flax-WMT convention: the smoothed target puts `confidence = 1 - label_smoothing` on the
+    true class and `low = label_smoothing / (V - 1)` on each of the V - 1 others, and the entropy of
+    that target is subtracted, so the loss is KL(smoothed target || softmax(logits)): 0 for a
+    prediction equal to the smoothed target, and the plain cross entropy when label_smoothing = 0.
+
+    Computed in float32 whatever the dtype of `logits`.
+
+    Args:
+      logits: [B, T, V] float.
+      targets: [B, T] int, the true token ids.
+      weights: [B, T] float, or None for `targets != 0` (padding weighs 0).
+      label_smoothing: the smoothing mass, a Python float in [0, 1) (static under jit).
+    Returns:
+      (loss_sum, weight_sum): float32 scalars; the mean loss per real token is their ratio.
+    """
+    vocab_size = logits.shape[-1]
+    weights = default_weights(targets, weights)
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    normalizing_constant = -(_xlogx(confidence) + (vocab_size - 1) * _xlogx(low))  # the target's entropy
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # [B, T, V]
+    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
+    # NOTE: -sum_v soft_v log p_v with soft = low + (confidence - low) * one_hot, written without
+    # materialising a [B, T, V] one-hot.
+    cross_entropy = -(confidence - low) * target_log_prob - low * jnp.sum(log_probs, axis=-1)  # [B, T]
+    loss = (cross_entropy - normalizing_constant) * weights
+    return jnp.sum(loss), jnp.sum(weights)
+
+
+def _xlogx(x: float) -> float:
+    return x * math.log(x) if x > 0 else 0.0  # 0 log 0 = 0: no smoothing, entropy 0
+
+
+def weighted_accuracy(logits, targets, weights=None):
+    """(correct_sum, weight_sum): weighted count of tokens whose argmax is the target.
+
+    Args:
+      logits: [B, T, V]. targets: [B, T] int. weights: [B, T] float, or None for `targets != 0`.
+    """
+    weights = default_weights(targets, weights)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)  # [B, T]
+    return jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def mask_tokens_for_mlm(rng, tokens, *, vocab_size: int, mask_id: int, mask_prob: float = 0.15,
+                        mask_token_prob: float = 0.8, random_token_prob: float = 0.1,
+                        special_ids: Sequence[int] = (0,)):
+    """BERT's masked-LM corruption (Devlin et al. 2019, Sec. 3.1).
+
+    Each token whose id is not in `special_ids` (padding included) is selected independently with
+    probability `mask_prob`. A selected token becomes `mask_id` with probability `mask_token_prob`,
+    a random token with probability `random_token_prob`, and stays unchanged otherwise (80/10/10).
+    Random tokens are drawn uniformly from the ids in [0, vocab_size) that are neither special nor
+    `mask_id` (so they may equal the original token, as in BERT).
+
+    Args:
+      rng: a jax.random key.
+      tokens: [B, T] int, the uncorrupted tokens.
+      vocab_size, mask_id, special_ids: Python ints (static under jit).
+    Returns:
+      inputs: [B, T] int, the corrupted tokens the model sees;
+      targets: [B, T] int, the original tokens;
+      weights: [B, T] float32, 1.0 at selected positions, else 0.0 (the loss is over those only).
+    """
+    special = np.asarray(sorted(set(special_ids)), np.int32)
+    # Ids a random replacement may take: everything but the special ids and [MASK].
+    replacements = np.setdiff1d(np.arange(vocab_size, dtype=np.int32), np.append(special, mask_id))
+    select_rng, action_rng, random_rng = jax.random.split(rng, 3)
+
+    eligible = ~jnp.isin(tokens, jnp.asarray(special))  # [B, T]
+    selected = eligible & jax.random.bernoulli(select_rng, mask_prob, tokens.shape)
+    action = jax.random.uniform(action_rng, tokens.shape)  # one draw splits the selected 80/10/10
+    to_mask = selected & (action < mask_token_prob)
+    to_random = selected & (action >= mask_token_prob) & (action < mask_token_prob + random_token_prob)
+    random_tokens = jnp.asarray(replacements)[jax.random.randint(random_rng, tokens.shape, 0, len(replacements))]
+
+    inputs = jnp.where(to_mask, jnp.asarray(mask_id, tokens.dtype), tokens)
+    inputs = jnp.where(to_random, random_tokens.astype(tokens.dtype), inputs)
+    return inputs, tokens, selected.astype(jnp.float32)

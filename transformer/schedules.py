@@ -1,0 +1,79 @@
+"""Learning-rate schedules: pure functions `count -> learning rate`, as optax.Schedule.
+
+`count` is optax's update counter: 0 for the first update, 1 for the second, ...
+
+  paper         scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step = count + 1 (paper, eq. 3)
+  inverse_sqrt  linear warmup to peak, then peak * sqrt(warmup / count) (fairseq's inverse_sqrt)
+  cosine        linear warmup to peak, then cosine decay to end_value at total_steps
+  constant      value
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def paper_schedule(d_model: int, warmup_steps: int = 4000, scale: float = 1.0) -> optax.Schedule:
+    """lrate = scale * d_model^-0.5 * min(step^-0.5, step * warmup_steps^-1.5) (Vaswani et al., eq. 3).
+
+    NOTE: the paper counts steps from 1; optax counts updates from 0, and the formula at step 0 is 0
+    (a wasted first update). We evaluate it at `step = count + 1`, so `schedule(count)` is the
+    paper's rate for its step `count + 1`: the first update uses the rate of step 1, and the peak,
+    `scale * (d_model * warmup_steps)^-0.5`, is reached at `count = warmup_steps - 1`.
+    """
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}.")
+
+    def schedule(count):
+        step = jnp.asarray(count, jnp.float32) + 1.0
+        return scale * d_model**-0.5 * jnp.minimum(step**-0.5, step * warmup_steps**-1.5)
+
+    return schedule
+
+
+def inverse_sqrt_schedule(peak_value: float, warmup_steps: int, init_value: float = 0.0) -> optax.Schedule:
+    """Linear warmup from `init_value` (count 0) to `peak_value` (count `warmup_steps`), then
+    `peak_value * sqrt(warmup_steps / count)` (fairseq's `inverse_sqrt`; continuous at the peak).
+    """
+    if warmup_steps < 1:
+        raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps}.")
+
+    def decay(count_after_warmup):  # join_schedules passes count - warmup_steps
+        return peak_value * jnp.sqrt(warmup_steps / (jnp.asarray(count_after_warmup, jnp.float32) + warmup_steps))
+
+    warmup = optax.linear_schedule(init_value, peak_value, warmup_steps)
+    return optax.join_schedules([warmup, decay], [warmup_steps])
+
+
+def cosine_schedule(peak_value: float, warmup_steps: int, total_steps: int, end_value: float = 0.0,
+                    init_value: float = 0.0) -> optax.Schedule:
+    """Linear warmup to `peak_value` at count `warmup_steps`, then a half cosine down to `end_value`
+    at count `total_steps` (and `end_value` after). optax's `warmup_cosine_decay_schedule`, whose
+    `decay_steps` includes the warmup.
+    """
+    if not 0 <= warmup_steps < total_steps:
+        raise ValueError(f"Need 0 <= warmup_steps < total_steps, got {warmup_steps} and {total_steps}.")
+    return optax.warmup_cosine_decay_schedule(init_value=init_value, peak_value=peak_value,
+                                              warmup_steps=warmup_steps, decay_steps=total_steps,
+                                              end_value=end_value)
+
+
+def constant_schedule(value: float) -> optax.Schedule:
+    return optax.constant_schedule(value)
+
+
+SCHEDULES = {
+    "paper": paper_schedule,
+    "rsqrt": paper_schedule,  # the name T2T and the Flax WMT example use for the same schedule
+    "inverse_sqrt": inverse_sqrt_schedule,
+    "cosine": cosine_schedule,
+    "constant": constant_schedule,
+}
+
+
+def make_schedule(name: str, **kwargs) -> optax.Schedule:
+    """The schedule called `name` (a key of SCHEDULES), built from its keyword arguments."""
+    if name not in SCHEDULES:
+        raise ValueError(f"Unknown learning-rate schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
+    return SCHEDULES[name](**kwargs)
