@@ -1,0 +1,147 @@
+"""The trainer end to end: learning, resuming, checkpoints across meshes, flags, multi-process."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import copy as copy_config
+from experiments.configs import lm_synthetic, mlm_synthetic
+from transformer import checkpointing, sharding, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_copy_task_learns(tmp_path):
+    final = training.train_and_evaluate(copy_config.get_config(), str(tmp_path))
+    assert final["eval_accuracy"] > 0.99, final
+    records = read_metrics(tmp_path)
+    assert any("train/tokens_per_s" in r for r in records) and any("eval/loss" in r for r in records)
+    assert os.path.exists(tmp_path / "config.json")
+
+
+@pytest.mark.parametrize("module", [lm_synthetic, mlm_synthetic])
+def test_lm_and_mlm_reduce_loss(tmp_path, module):
+    config = module.get_config()
+    config.num_train_steps = 150
+    config.eval_every = 150
+    training.train_and_evaluate(config, str(tmp_path))
+    losses = [r["train/loss"] for r in read_metrics(tmp_path) if "train/loss" in r]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def small_config(num_steps):
+    config = copy_config.get_config()
+    config.model.num_layers = 1
+    config.data.batch_size = 16
+    config.num_train_steps = num_steps
+    config.log_every = 2
+    config.eval_every = 1000
+    config.checkpoint.every = 1000
+    return config
+
+
+def final_params(workdir, config):
+    model_cfg = training.model_config(config, config.data.vocab_size)
+    trainer = training.Trainer(config, model_cfg, sharding.make_mesh(data=-1))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, data_state, step = ckpt.restore(trainer.abstract_state)
+    ckpt.close()
+    return jax.device_get(state.params), data_state, step
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    training.train_and_evaluate(small_config(10), straight)
+    training.train_and_evaluate(small_config(4), resumed)  # "preempted" at step 4 (saves on the last step)
+    training.train_and_evaluate(small_config(10), resumed)  # resumes from 4
+    expected, expected_data, _ = final_params(straight, small_config(10))
+    actual, actual_data, step = final_params(resumed, small_config(10))
+    assert step == 10 and actual_data == expected_data == {"step": 10}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), actual, expected)
+    steps = [r["step"] for r in read_metrics(resumed) if "train/loss" in r]
+    assert steps == [2, 4, 6, 8, 10]
+
+
+def test_checkpoint_restores_onto_another_mesh(tmp_path):
+    config = small_config(2)
+    config.model.update(d_model=64, num_heads=8, d_ff=128)
+    model_cfg = training.model_config(config, config.data.vocab_size)
+    source = training.Trainer(config, model_cfg, sharding.make_mesh(data=1, fsdp=4, tensor=2))
+    state = source.init_state(seed=3)
+    ckpt = checkpointing.Checkpointer(str(tmp_path))
+    ckpt.save(7, state, {"step": 7})
+    ckpt.wait()
+    target = training.Trainer(config, model_cfg, sharding.make_mesh(data=2, fsdp=1, tensor=4))
+    restored, data_state, step = ckpt.restore(target.abstract_state)
+    ckpt.close()
+    assert step == 7 and data_state == {"step": 7}
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(jax.device_get(a), jax.device_get(b)),
+                 restored.params, state.params)
+    kernel = restored.params["encoder"]["layer_0"]["feed_forward"]["wi"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")  # the new mesh's layout
+
+
+def test_checkpointer_keeps_last_and_best(tmp_path):
+    config = small_config(1)
+    trainer = training.Trainer(config, training.model_config(config, 16), sharding.make_mesh(data=-1))
+    state = trainer.init_state(0)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2, best_metric="eval_loss", async_save=False)
+    for step, loss in [(1, 5.0), (2, 1.0), (3, 4.0), (4, 3.0), (5, 6.0)]:
+        ckpt.save(step, state, {"step": step}, metrics={"eval_loss": loss})
+    ckpt.wait()
+    assert ckpt.all_steps() == [2, 4, 5]  # the best (loss 1.0) and the last two
+    assert sorted(os.listdir(tmp_path / "data_state")) == ["2.process_0.json", "4.process_0.json",
+                                                           "5.process_0.json"]
+    ckpt.close()
+
+
+def run_train(*flags, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def test_bad_flags_fail_clearly(tmp_path):
+    result = run_train("--config=experiments/configs/copy.py", f"--workdir={tmp_path}", "--config.model.d_modle=3")
+    assert result.returncode != 0 and "d_modle" in result.stderr
+    result = run_train("--config=experiments/configs/copy.py")
+    assert result.returncode != 0 and "--workdir" in result.stderr
+    result = run_train("--config=experiments/configs/copy.py", f"--workdir={tmp_path}", "--config.objective=gan",
+                       "--config.num_train_steps=1")
+    assert result.returncode != 0 and "config.objective='gan'" in result.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+    """Two processes x 4 CPU devices on 127.0.0.1 (gloo collectives) train one model."""
+    workdir = str(tmp_path / "run")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": "127.0.0.1:12391",
+           "JAX_NUM_PROCESSES": "2"}
+    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=6",
+             "--config.log_every=3", "--config.eval_every=6", "--config.model.num_layers=1",
+             "--config.mesh.data=4", "--config.mesh.fsdp=2", "--alsologtostderr"]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    eval_lines = [[line for line in err.splitlines() if "eval {" in line][-1] for _, err in outputs]
+    assert eval_lines[0].split("eval ")[1] == eval_lines[1].split("eval ")[1]  # both saw the same loss
+    records = read_metrics(workdir)
+    assert [r["step"] for r in records if "train/loss" in r] == [3, 6]  # written once, by process 0
+    config = copy_config.get_config()
+    config.model.num_layers = 1
+    params, data_state, step = final_params(workdir, config)
+    assert step == 6 and data_state == {"step": 6}
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
