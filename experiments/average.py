@@ -3,11 +3,9 @@
     python -m experiments.average --workdir=DIR --num_checkpoints=5
 """
 
-import os
+from absl import app, flags
 
-from absl import app, flags, logging
-
-from transformer import checkpointing, training
+from transformer import inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM = flags.DEFINE_integer("num_checkpoints", 5, "How many of the latest checkpoints to average.")
@@ -16,18 +14,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    workdir = _WORKDIR.value
-    _, trainer, _, _, _ = training.load_for_inference(workdir)
-    source = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
-    steps = source.all_steps()[-_NUM.value:]
-    if len(steps) < _NUM.value:
-        logging.warning("Only %d checkpoints available (%s); averaging those.", len(steps), steps)
-    state, step = checkpointing.average_params(source, trainer.abstract_state, steps)
-    source.close()
-    target = checkpointing.Checkpointer(os.path.join(workdir, "averaged"), keep=1)
-    target.save(step, state)
-    target.close()
-    print(f"Averaged checkpoints {steps} into {target.directory}/{step}")
+    steps, directory = inference.average_checkpoints(_WORKDIR.value, _NUM.value)
+    print(f"Averaged checkpoints {steps} into {directory}/{steps[-1]}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from transformer import decoding, training
+from transformer import decoding, inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language-model training run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [""], "Prompt(s); one sample each.")
@@ -23,7 +23,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    config, trainer, params, tokenizer, _ = training.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
+    config, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
     if config.objective != "lm":
         raise app.UsageError(f"{_WORKDIR.value} holds a {config.objective!r} run; sampling needs an 'lm' run.")
     model = trainer.model

@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from transformer import evaluation, training
+from transformer import evaluation, inference
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _INPUT = flags.DEFINE_string("input", None, "File of sentences, one per line (default: stdin).")
@@ -24,7 +24,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    config, trainer, params, tokenizer, _ = training.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
+    config, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
     if tokenizer is None:
         raise app.UsageError("experiments.translate needs a run trained on real text (it has a tokenizer).")
     if _INPUT.value:

@@ -358,11 +358,12 @@ def _take(iterator, n):
 # The loop.
 
 
-class _Preemption:
-    """Turns SIGTERM into a flag the loop polls; all processes agree before acting on it."""
+class _StopSignal:
+    """Stops the loop on SIGTERM (preemption) or past a wall-clock budget; all processes agree."""
 
-    def __init__(self):
+    def __init__(self, max_seconds: float = 0.0):
         self.requested = False
+        self._deadline = time.monotonic() + max_seconds if max_seconds else None
         self._previous = None
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
@@ -374,6 +375,9 @@ class _Preemption:
         self.requested = True
 
     def should_stop(self) -> bool:
+        if self._deadline is not None and time.monotonic() > self._deadline and not self.requested:
+            logging.info("Training time budget reached: saving a checkpoint and stopping.")
+            self.requested = True
         if jax.process_count() == 1:
             return self.requested
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
@@ -436,7 +440,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             trainer.model, inputs.tokenizer, beam_size=config.decode.beam_size, alpha=config.decode.alpha,
             batch_size=config.decode.batch_size, max_input_length=config.data.max_length,
             sharding=trainer.batch_sharding)
-    preemption = _Preemption()
+    stop_signal = _StopSignal(60.0 * config.get("max_train_minutes", 0.0))
     step = int(state.step)
     last = dict()
     window_sums, window_start, window_steps = None, time.perf_counter(), 0
@@ -448,8 +452,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step += 1
             window_steps += 1
             window_sums = step_metrics if window_sums is None else jax.tree.map(jnp.add, window_sums, step_metrics)
+            stop = stop_signal.should_stop()  # preempted, or out of time: evaluate, save, stop
             # --- log
-            if step % config.log_every == 0 or step == total_steps:
+            if step % config.log_every == 0 or step == total_steps or stop:
                 sums = jax.device_get(window_sums)  # the only host sync in the loop
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = float(sums["weight_sum"]) / elapsed
@@ -463,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 window_sums, window_start, window_steps = None, time.perf_counter(), 0
             # --- eval
             eval_metrics = None
-            if step % config.eval_every == 0 or step == total_steps:
+            if step % config.eval_every == 0 or step == total_steps or stop:
                 eval_metrics = evaluate(trainer, state.params, inputs.eval_batches())
                 if translator is not None and (step % config.bleu_every == 0 or step == total_steps):
                     eval_metrics.update(_bleu(trainer, translator, state.params, inputs, config))
@@ -471,7 +476,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 last.update({f"eval_{k}": v for k, v in eval_metrics.items()})
                 logging.info("step %d eval %s", step, eval_metrics)
             # --- checkpoint
-            stop = preemption.should_stop()
             if step % config.checkpoint.every == 0 or step == total_steps or stop:
                 ckpt.save(step, state, train_iter.get_state(),
                           metrics=None if eval_metrics is None else {f"eval_{k}": v for k, v in eval_metrics.items()})
@@ -480,7 +484,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     finally:
         ckpt.close()
         writer.close()
-        preemption.restore()
+        stop_signal.restore()
         progress.close()
     return last
 
@@ -516,43 +520,3 @@ def _peak_flops(config) -> float | None:
         return config.peak_flops_per_device
     kind = jax.devices()[0].device_kind
     return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference from a workdir.
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config the training run wrote into `workdir`."""
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a training run?")
-    with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
-def load_for_inference(workdir: str, checkpoint: str = "latest"):
-    """(config, trainer, params, tokenizer or None, step) from a workdir's "latest" or "averaged" checkpoint."""
-    config = load_config(workdir)
-    tokenizer = None
-    vocab_size = config.data.vocab_size
-    spm_path = os.path.join(workdir, "spm.model")
-    if config.data.name != "synthetic":
-        from transformer import data  # noqa: PLC0415
-
-        tokenizer = data.load_tokenizer(spm_path)
-        vocab_size = tokenizer.vocab_size
-    trainer = Trainer(config, model_config(config, vocab_size), sharding.make_mesh(**config.mesh))
-    directory = {"latest": "checkpoints", "averaged": "averaged"}.get(checkpoint)
-    if directory is None:
-        raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'averaged'.")
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, directory))
-    try:
-        if ckpt.latest_step() is None:
-            hint = " (run experiments.average first)" if checkpoint == "averaged" else ""
-            raise FileNotFoundError(f"No checkpoint in {ckpt.directory}{hint}.")
-        state, _, step = ckpt.restore(trainer.abstract_state)
-    finally:
-        ckpt.close()
-    return config, trainer, state.params, tokenizer, step
-

@@ -54,8 +54,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.label_smoothing = 0.1  # paper, Sec. 5.4
     config.dropout = True  # False: train deterministically (tests, debugging)
     config.num_train_steps = 100_000
+    config.max_train_minutes = 0.0  # > 0: stop (and checkpoint) once training has run this long
     config.log_every = 100
     config.eval_every = 1000
+    config.prng_impl = ""  # jax_default_prng_impl: "" = JAX's default (threefry); "unsafe_rbg" is cheaper
     config.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
 
     config.bleu_every = 0  # translation on real data: sacreBLEU on the eval split every N steps (a multiple of eval_every)

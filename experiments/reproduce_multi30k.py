@@ -1,0 +1,66 @@
+"""Multi30k En->De end to end: train, average the last checkpoints, score val and test_2016_flickr.
+
+    python -m experiments.reproduce_multi30k --workdir=runs/multi30k_hour          # the 60-minute recipe
+    python -m experiments.reproduce_multi30k --workdir=runs/multi30k_full \
+        --config=experiments/configs/multi30k.py:full                             # the published recipe
+
+Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
+otherwise the files are downloaded. Prints progress, then a results table; writes
+<workdir>/results.json. Rerunning resumes training where it stopped.
+"""
+
+import json
+import os
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from transformer import inference, training
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/multi30k.py:hour", "Experiment config.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", "runs/multi30k_hour", "Where checkpoints, metrics and results go.")
+_RAW_DIR = flags.DEFINE_string("raw_dir", None, "Multi30k raw files (default: ../shared/data/multi30k if present).")
+_NUM_AVERAGE = flags.DEFINE_integer("num_average", None, "Checkpoints to average (default: config.checkpoint.keep).")
+
+DEFAULT_RAW_DIR = os.path.join("..", "shared", "data", "multi30k")
+
+
+def main(argv):
+    del argv
+    start = time.time()
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    raw_dir = _RAW_DIR.value or (DEFAULT_RAW_DIR if os.path.isdir(DEFAULT_RAW_DIR) else "")
+    with config.unlocked():
+        config.data.manual_dir = os.path.abspath(raw_dir) if raw_dir else ""
+        config.data.data_dir = config.data.data_dir or os.path.abspath(os.path.join(workdir, "tfds"))
+    print(f"Training in {workdir} (data: {raw_dir or 'download'})", flush=True)
+    training.train_and_evaluate(config, workdir)
+    train_minutes = (time.time() - start) / 60
+
+    steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or config.checkpoint.keep)
+    print(f"Averaged checkpoints {steps}", flush=True)
+    results = dict(train_minutes=train_minutes, steps=steps[-1], averaged=steps, splits={})
+    for split in ("validation", "test"):
+        scores = inference.evaluate_split(workdir, split, "averaged")
+        results["splits"][split] = {k: scores[k] for k in ("bleu", "bleu_lc", "perplexity", "sentences_per_s",
+                                                           "signature", "signature_lc")}
+        print(f"{split}: BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}", flush=True)
+    results["total_minutes"] = (time.time() - start) / 60
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+    print()
+    print(f"| split | BLEU (cased) | BLEU (lowercased) | perplexity |  ({results['steps']} steps, "
+          f"{results['train_minutes']:.1f} min training, {results['total_minutes']:.1f} min in all)")
+    print("| --- | --- | --- | --- |")
+    for split, s in results["splits"].items():
+        name = "test_2016_flickr" if split == "test" else "val"
+        print(f"| {name} | {s['bleu']:.2f} | {s['bleu_lc']:.2f} | {s['perplexity']:.2f} |")
+    print(f"sacreBLEU: {results['splits']['test']['signature']} / {results['splits']['test']['signature_lc']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
