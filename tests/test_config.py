@@ -1,5 +1,7 @@
 """ModelConfig presets and validation."""
 
+import dataclasses
+
 import pytest
 
 from transformer import ModelConfig
@@ -45,6 +47,6 @@ def test_unknown_preset_and_field():
 
 def test_frozen():
     cfg = ModelConfig.preset("tiny")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.d_model = 3
     assert cfg.replace(d_model=128).d_model == 128

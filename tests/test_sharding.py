@@ -1,7 +1,6 @@
 """Meshes, logical rules, and sharded training equal to single-device training."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
