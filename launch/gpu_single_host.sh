@@ -38,36 +38,8 @@ Example:
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "${PROG}" "$1" >&2
-  printf 'Try %s --help\n' "${PROG}" >&2
-  exit 2
-}
-
-# Quotes one word for a shell, leaving plain words bare so printed commands stay readable.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_@%+=:,./-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-print_cmd() {
-  local line="" arg
-  for arg in "$@"; do line+="$(quote "${arg}") "; done
-  printf '%s\n' "${line% }"
-}
-
-# Prints the command in dry-run mode; otherwise logs it to stderr and runs it.
-run() {
-  if ((DRY_RUN)); then
-    print_cmd "$@"
-  else
-    printf '+ %s\n' "$(print_cmd "$@")" >&2
-    "$@"
-  fi
-}
+# shellcheck source=launch/common.sh
+source "${REPO_ROOT}/launch/common.sh"  # die, quote, print_cmd, run
 
 ENTRY="experiments.train"
 GPUS=""
