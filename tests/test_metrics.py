@@ -157,3 +157,11 @@ def test_progress_line_disabled_prints_nothing():
     progress.update(1, {"loss": 1.0})
     progress.close()
     assert stream.getvalue() == ""
+
+
+def test_eta_respects_a_time_budget():
+    times = iter([0.0, 10.0, 20.0])
+    progress = metrics.ProgressLine(1000, stream=io.StringIO(), clock=lambda: next(times), max_seconds=60.0)
+    progress.format(10, {})
+    line = progress.format(20, {})  # 980 steps at 1 step/s would take 16 min; the budget ends in 40 s
+    assert line.endswith("ETA 40s"), line

@@ -122,8 +122,9 @@ class ProgressLine:
     """
 
     def __init__(self, total_steps: int, *, enabled: bool = True, stream: IO[str] | None = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, max_seconds: float = 0.0):
         self.total_steps, self.enabled = total_steps, enabled
+        self.max_seconds = max_seconds  # > 0: a time budget that may end the run before total_steps
         self._stream = sys.stdout if stream is None else stream
         self._tty = enabled and hasattr(self._stream, "isatty") and self._stream.isatty()
         self._clock = clock
@@ -140,6 +141,9 @@ class ProgressLine:
         eta = None
         if step > first_step and now > first_time:
             eta = (self.total_steps - step) * (now - first_time) / (step - first_step)
+        if self.max_seconds:
+            time_left = max(self.max_seconds - (now - self._start_time), 0.0)
+            eta = time_left if eta is None else min(eta, time_left)
         parts = [f"step {step}/{self.total_steps} ({100 * step / max(self.total_steps, 1):.0f}%)"]
         if "loss" in metrics:
             parts.append(f"loss {float(metrics['loss']):.4f}")
