@@ -134,7 +134,7 @@ def test_two_processes_train_together(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, **env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
+    for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     eval_lines = [[line for line in err.splitlines() if "eval {" in line][-1] for _, err in outputs]
     assert eval_lines[0].split("eval ")[1] == eval_lines[1].split("eval ")[1]  # both saw the same loss
@@ -145,3 +145,32 @@ def test_two_processes_train_together(tmp_path):
     params, data_state, step = final_params(workdir, config)
     assert step == 6 and data_state == {"step": 6}
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    workdir = str(tmp_path / "run")
+    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.model.num_layers=1",
+             "--config.log_every=5", "--config.eval_every=100000", "--config.checkpoint.every=100000"]
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.train", *flags, "--config.num_train_steps=100000"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)  # "preemption"
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "SIGTERM received" in err
+    config = copy_config.get_config()
+    config.model.num_layers = 1
+    _, data_state, stopped_at = final_params(workdir, config)
+    assert stopped_at > 0 and data_state == {"step": stopped_at}
+    result = run_train(*flags, f"--config.num_train_steps={stopped_at + 5}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Resumed from step {stopped_at}" in result.stderr
+    _, _, final_step = final_params(workdir, config)
+    assert final_step == stopped_at + 5

@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 
 from transformer import checkpointing, evaluation, losses, metrics, schedules, sharding
 from transformer.config import ModelConfig
+from transformer.data import pipeline as data_pipeline
 from transformer.models import DecoderOnly, EncoderDecoder, EncoderOnly
 
 MODELS = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
@@ -410,10 +411,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             f.write(config.to_json_best_effort(indent=2))
 
     inputs = make_inputs(config, workdir)
-    train_iter = inputs.train
     model_cfg = model_config(config, inputs.vocab_size)
     mesh = sharding.make_mesh(**config.mesh)
     trainer = Trainer(config, model_cfg, mesh)
+    # Global, sharded batches transferred ahead of use; its state is that of the last batch taken.
+    train_iter = data_pipeline.prefetch_to_device(inputs.train, 2, trainer.batch_sharding)
     logging.info("Model %s; mesh %s; %s parameters.", model_cfg, dict(mesh.shape),
                  f"{sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params)):,}")
 
@@ -432,7 +434,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     flops_per_token = _flops_per_token(model_cfg, config)
     peak = _peak_flops(config)
     total_steps = config.num_train_steps
-    progress = metrics.ProgressLine(total_steps, enabled=is_main)
+    progress = metrics.ProgressLine(total_steps, enabled=is_main, max_seconds=60.0 * config.get("max_train_minutes", 0.0))
     translator = None
     if inputs.eval_texts is not None and config.get("bleu_every"):
         translator = evaluation.Translator(
@@ -446,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         while step < total_steps:
             # --- step
-            batch = trainer.to_global(next(train_iter))
+            batch = next(train_iter)
             state, step_metrics = trainer.train_step(state, batch)
             step += 1
             window_steps += 1

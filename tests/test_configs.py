@@ -1,0 +1,57 @@
+"""Every experiment config builds its data pipeline, model and step and trains two steps.
+
+Configs on real data run on Multi30k as a stand-in (WMT cannot be downloaded here), shrunk to one
+layer and a small vocabulary; everything else is the config's own.
+"""
+
+import importlib
+import os
+
+import pytest
+
+from transformer import training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
+
+CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
+           ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
+
+
+def load(name, arg):
+    module = importlib.import_module(f"experiments.configs.{name}")
+    return module.get_config() if arg is None else module.get_config(arg)
+
+
+def test_paper_hyperparameters():
+    base, big = load("wmt14_ende_base", None), load("wmt14_ende_big", None)
+    assert (base.model.preset, base.model.dropout_rate, base.num_train_steps, base.checkpoint.keep) == (
+        "base", 0.1, 100_000, 5)
+    assert (big.model.preset, big.model.d_model, big.model.d_ff, big.model.num_heads, big.model.dropout_rate,
+            big.num_train_steps, big.checkpoint.keep) == ("big", 1024, 4096, 16, 0.3, 300_000, 20)
+    for config in (base, big):
+        assert config.data.name == "wmt14_translate/de-en" and config.data.vocab_size == 37_000
+        assert config.data.tokens_per_batch == 25_000 and config.optimizer.warmup_steps == 4000
+        assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.98, 1e-9)
+        assert (config.decode.beam_size, config.decode.alpha, config.label_smoothing) == (4, 0.6, 0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, arg", CONFIGS)
+def test_config_trains_two_steps(tmp_path, name, arg):
+    config = load(name, arg)
+    config.model.num_layers = 1
+    config.num_train_steps = 2
+    config.log_every = config.eval_every = config.checkpoint.every = 2
+    config.bleu_every = 0
+    config.max_train_minutes = 0.0
+    if config.data.name != "synthetic":
+        config.data.name = "multi30k"  # the stand-in
+        config.data.manual_dir = MULTI30K
+        config.data.data_dir = str(tmp_path / "tfds")
+        config.data.vocab_size = 500
+        config.data.tokens_per_batch = min(config.data.tokens_per_batch, 2048)
+        config.data.batch_size = min(config.data.batch_size, 32)
+        config.prng_impl = ""
+    final = training.train_and_evaluate(config, str(tmp_path / "run"))
+    assert final["loss"] > 0 and final["eval_loss"] > 0

@@ -1,0 +1,92 @@
+"""sacreBLEU scoring, checkpoint averaging, and the translate / evaluate commands end to end."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from experiments.configs import copy as copy_config
+from experiments.configs import multi30k as multi30k_config
+from transformer import checkpointing, evaluation, inference, sharding, training
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
+
+REFERENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch am Strand."]
+HYPOTHESES = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest am Strand."]
+
+
+def test_bleu_of_references_against_themselves_is_100():
+    score, signature = evaluation.bleu(REFERENCES, REFERENCES)
+    assert score == pytest.approx(100.0)
+    assert "case:mixed" in signature and "tok:13a" in signature
+    assert evaluation.bleu(REFERENCES, REFERENCES, lowercase=True)[1].count("case:lc") == 1
+
+
+def test_bleu_matches_the_sacrebleu_command_line(tmp_path):
+    (tmp_path / "ref.txt").write_text("\n".join(REFERENCES) + "\n")
+    (tmp_path / "hyp.txt").write_text("\n".join(HYPOTHESES) + "\n")
+    for lowercase in (False, True):
+        command = [sys.executable, "-m", "sacrebleu", str(tmp_path / "ref.txt"), "-i", str(tmp_path / "hyp.txt"),
+                   "-m", "bleu", "-b", "-w", "4"] + (["-lc"] if lowercase else [])
+        cli = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip())
+        ours, _ = evaluation.bleu(HYPOTHESES, REFERENCES, lowercase=lowercase)
+        assert ours == pytest.approx(cli, abs=1e-4)
+        assert 0 < ours < 100
+
+
+def test_checkpoint_averaging_is_the_mean_of_parameters(tmp_path):
+    config = copy_config.get_config()
+    config.model.num_layers = 1
+    trainer = training.Trainer(config, training.model_config(config, 16), sharding.make_mesh(data=-1))
+    states = [trainer.init_state(seed) for seed in (0, 1, 2)]
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5, async_save=False)
+    for step, state in zip((10, 20, 30), states):
+        ckpt.save(step, state)
+    averaged, last = checkpointing.average_params(ckpt, trainer.abstract_state, [10, 20, 30])
+    ckpt.close()
+    assert last == 30
+    expected = jax.tree.map(lambda *xs: sum(np.asarray(x) for x in xs) / 3, *[s.params for s in states])
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), jax.device_get(averaged.params), expected)
+
+
+def run_command(module, *flags, stdin=None):
+    return subprocess.run([sys.executable, "-m", module, *flags], cwd=REPO, capture_output=True, text=True,
+                          input=stdin, timeout=600)
+
+
+@pytest.mark.slow
+def test_translate_and_evaluate_end_to_end(tmp_path):
+    """Train a tiny Multi30k model briefly, then translate stdin and score the test split."""
+    workdir = str(tmp_path / "run")
+    config = multi30k_config.get_config("hour")
+    config.model.update(num_layers=1, d_model=64, d_ff=128)
+    config.data.update(manual_dir=MULTI30K, data_dir=str(tmp_path / "tfds"), vocab_size=500, batch_size=32)
+    config.update(num_train_steps=60, max_train_minutes=0.0, eval_every=60, log_every=20)
+    config.checkpoint.update(every=20, keep=3)
+    config.decode.update(beam_size=2, batch_size=64)
+    training.train_and_evaluate(config, workdir)
+
+    long_line = "a dog " * 200
+    result = run_command("experiments.translate", f"--workdir={workdir}", "--beam_size=2",
+                         stdin=f"A man rides a bike.\n\n{long_line}\nTwo dogs play in the snow.\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.split("\n")[:-1]
+    assert len(lines) == 4 and lines[1] == ""  # one line out per line in; the empty line stays empty
+    assert "truncated" in result.stderr
+
+    steps, _ = inference.average_checkpoints(workdir, 3)
+    assert steps == [20, 40, 60]
+    result = run_command("experiments.evaluate", f"--workdir={workdir}", "--split=test", "--checkpoint=averaged",
+                         "--beam_size=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lowercased BLEU" in result.stdout and "nrefs:1|case:mixed" in result.stdout
+    with open(os.path.join(workdir, "eval", "test.averaged.json")) as f:
+        scores = json.load(f)
+    with open(os.path.join(workdir, "eval", "test.averaged.txt")) as f:
+        assert len(f.read().splitlines()) == 1000
+    assert scores["step"] == 60 and 0 <= scores["bleu"] <= 100 and scores["perplexity"] > 1
