@@ -148,3 +148,19 @@ def test_top_k_one_sampling_equals_greedy_and_seeds_repeat(language_model):
     c = _sample(model, params, prompt, rng=jax.random.key(4), temperature=2.0)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_decoding_sharded_over_the_data_axis_matches_one_device(translation_model, beam_size):
+    from transformer import sharding
+
+    model, params, inputs = translation_model
+    inputs = jnp.tile(inputs, (4, 1))  # 8 rows: one per simulated device
+    translate = jax.jit(functools.partial(decoding.translate, model, eos_id=EOS, beam_size=beam_size,
+                                          max_extra_length=4))
+    expected = translate(params, inputs)
+    mesh = sharding.make_mesh(data=8)
+    sharded = translate(jax.device_put(params, sharding.replicated(mesh)),
+                        jax.device_put(inputs, sharding.batch_sharding(mesh)))
+    assert len(sharded.sharding.device_set) == 8
+    np.testing.assert_array_equal(sharded, expected)
