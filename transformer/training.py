@@ -293,6 +293,10 @@ def make_inputs(config: ml_collections.ConfigDict, workdir: str) -> Inputs:
     batch_kwargs = dict(batching=data_cfg.batching, max_length=data_cfg.max_length, seed=config.seed,
                         process_index=process_index, process_count=process_count)
     if data_cfg.batching == "bucket":
+        if process_count > 1:
+            # NOTE: each host buckets its own shard, so hosts could disagree on a step's batch shape.
+            raise ValueError("config.data.batching='bucket' is single-host only: use 'pack' (fixed shapes) "
+                             f"with {process_count} processes.")
         batch_kwargs.update(tokens_per_batch=data_cfg.tokens_per_batch // process_count,
                             row_multiple=max(8, jax.local_device_count()))
     else:
