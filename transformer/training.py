@@ -365,8 +365,9 @@ def _take(iterator, n):
 class _StopSignal:
     """Stops the loop on SIGTERM (preemption) or past a wall-clock budget; all processes agree."""
 
-    def __init__(self, max_seconds: float = 0.0):
+    def __init__(self, max_seconds: float = 0.0, poll_every: int = 1):
         self.requested = False
+        self._poll_every = poll_every  # multi-process: agree only every N steps (it costs a host sync)
         self._deadline = time.monotonic() + max_seconds if max_seconds else None
         self._previous = None
         try:
@@ -378,12 +379,14 @@ class _StopSignal:
         logging.warning("SIGTERM received: saving a checkpoint and stopping.")
         self.requested = True
 
-    def should_stop(self) -> bool:
+    def should_stop(self, step: int) -> bool:
         if self._deadline is not None and time.monotonic() > self._deadline and not self.requested:
             logging.info("Training time budget reached: saving a checkpoint and stopping.")
             self.requested = True
         if jax.process_count() == 1:
             return self.requested
+        if step % self._poll_every:
+            return False
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
     def restore(self):
@@ -445,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             trainer.model, inputs.tokenizer, beam_size=config.decode.beam_size, alpha=config.decode.alpha,
             batch_size=config.decode.batch_size, max_input_length=config.data.max_length,
             sharding=trainer.batch_sharding)
-    stop_signal = _StopSignal(60.0 * config.get("max_train_minutes", 0.0))
+    stop_signal = _StopSignal(60.0 * config.get("max_train_minutes", 0.0), poll_every=config.log_every)
     step = int(state.step)
     last = dict()
     window_sums, window_start, window_steps = None, time.perf_counter(), 0
@@ -457,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             step += 1
             window_steps += 1
             window_sums = step_metrics if window_sums is None else jax.tree.map(jnp.add, window_sums, step_metrics)
-            stop = stop_signal.should_stop()  # preempted, or out of time: evaluate, save, stop
+            stop = stop_signal.should_stop(step)  # preempted, or out of time: evaluate, save, stop
             # --- log
             if step % config.log_every == 0 or step == total_steps or stop:
                 sums = jax.device_get(window_sums)  # the only host sync in the loop
