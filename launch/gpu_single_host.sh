@@ -85,12 +85,7 @@ check_args() {
     cuda12 | cuda13) ;;
     *) die "--jax-extra must be cuda12 or cuda13, got '${JAX_EXTRA}'" ;;
   esac
-  if ((INSTALL)) && [[ -z "${VENV}" ]]; then
-    die "--install needs --venv DIR (we do not pip install into the system python)"
-  fi
-  if [[ -n "${VENV}" && ! -x "${VENV}/bin/python" ]] && ((!INSTALL)); then
-    die "no virtual environment at '${VENV}' (add --install to make one)"
-  fi
+  check_venv_args
 }
 
 main() {
@@ -98,19 +93,9 @@ main() {
   parse_args "$@"
   check_args
 
-  local python="python3"
-  if [[ -n "${VENV}" ]]; then
-    [[ "${VENV}" == /* ]] || VENV="${PWD}/${VENV}"  # absolute: we cd to the repository root
-    python="${VENV}/bin/python"
-    if ((INSTALL)); then
-      if [[ ! -x "${python}" ]]; then
-        run python3 -m venv "${VENV}"
-      fi
-      run "${python}" -m pip install --upgrade pip
-      run "${python}" -m pip install --upgrade "jax[${JAX_EXTRA}]"
-      run "${python}" -m pip install -e "${REPO_ROOT}"
-    fi
-  fi
+  resolve_python
+  setup_venv "jax[${JAX_EXTRA}]"
+  local python="${PYTHON}"
 
   local -a cmd=(env JAX_PLATFORMS=cuda)
   if [[ -n "${GPUS}" ]]; then
