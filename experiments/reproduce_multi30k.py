@@ -2,7 +2,9 @@
 
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_hour          # the 60-minute recipe
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_full \
-        --config=experiments/configs/multi30k.py:full                             # the published recipe
+        --config=experiments/configs/multi30k.py:full                             # our ~2-hour recipe
+    python -m experiments.reproduce_multi30k --workdir=runs/multi30k_paper \
+        --config=experiments/configs/multi30k.py:paper                            # the published recipe
 
 Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
 otherwise the files are downloaded. Prints progress, then a results table; writes

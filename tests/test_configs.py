@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
 
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
-           ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
+           ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
 
 
 def load(name, arg):
@@ -34,6 +34,29 @@ def test_paper_hyperparameters():
         assert config.data.tokens_per_batch == 25_000 and config.optimizer.warmup_steps == 4000
         assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.98, 1e-9)
         assert (config.decode.beam_size, config.decode.alpha, config.label_smoothing) == (4, 0.6, 0.1)
+
+
+def test_multi30k_paper_recipe():
+    """`multi30k.py:paper` is the published Transformer-Tiny recipe (Wu et al., 2021), verbatim."""
+    c = load("multi30k", "paper")
+    m = c.model
+    assert (m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff, m.num_heads, m.dropout_rate) == (
+        4, 4, 128, 256, 4, 0.3)
+    assert m.share_embeddings and c.data.vocab_size == 10_000 and c.data.tokens_per_batch == 8192
+    assert (c.optimizer.schedule, c.optimizer.learning_rate, c.optimizer.warmup_steps) == ("inverse_sqrt", 5e-3, 2000)
+    assert (c.num_train_steps, c.checkpoint.keep, c.decode.beam_size, c.label_smoothing) == (8000, 10, 5, 0.1)
+
+
+def test_multi30k_variants_share_the_model_and_reject_unknown_names():
+    models = {v: load("multi30k", v).model for v in ("paper", "full", "hour")}
+    shape = lambda m: (m.num_encoder_layers, m.d_model, m.d_ff, m.num_heads)  # noqa: E731
+    assert shape(models["full"]) == shape(models["hour"]) == shape(models["paper"])
+    full = load("multi30k", "full")
+    schedule = training.make_schedule(full, full.model.d_model)  # anneals to zero at the last update
+    assert float(schedule(full.optimizer.warmup_steps)) == pytest.approx(full.optimizer.learning_rate)
+    assert float(schedule(full.num_train_steps)) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="Unknown multi30k variant 'fast'"):
+        load("multi30k", "fast")
 
 
 @pytest.mark.slow
