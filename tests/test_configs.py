@@ -65,6 +65,7 @@ def test_config_trains_two_steps(tmp_path, name, arg):
     config = load(name, arg)
     config.model.num_layers = 1
     config.num_train_steps = 2
+    config.optimizer.warmup_steps = 1  # a cosine schedule needs warmup < num_train_steps
     config.log_every = config.eval_every = config.checkpoint.every = 2
     config.bleu_every = 0
     config.max_train_minutes = 0.0
