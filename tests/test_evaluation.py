@@ -79,7 +79,8 @@ def test_translate_and_evaluate_end_to_end(tmp_path):
     assert len(lines) == 4 and lines[1] == ""  # one line out per line in; the empty line stays empty
     assert "truncated" in result.stderr
 
-    steps, _ = inference.average_checkpoints(workdir, 3)
+    assert inference.average_checkpoints(workdir, 2)[0] == [40, 60]
+    steps, _ = inference.average_checkpoints(workdir, 3)  # averaging again replaces the averaged checkpoint
     assert steps == [20, 40, 60]
     result = run_command("experiments.evaluate", f"--workdir={workdir}", "--split=test", "--checkpoint=averaged",
                          "--beam_size=2")

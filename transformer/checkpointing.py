@@ -47,6 +47,10 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint at `step`, e.g. to write it anew."""
+        self._manager.delete(step)
+
     def save(self, step: int, state: Any, data_state: dict | None = None, metrics: dict | None = None) -> None:
         """Saves `state` (asynchronously) and this process's `data_state` (now) at `step`."""
         if data_state is not None:

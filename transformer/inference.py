@@ -61,6 +61,8 @@ def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], 
     state, step = checkpointing.average_params(source, trainer.abstract_state, steps)
     source.close()
     target = checkpointing.Checkpointer(os.path.join(workdir, "averaged"), keep=1)
+    if step in target.all_steps():  # averaged before (maybe over other steps): replace it
+        target.delete(step)
     target.save(step, state)
     target.close()
     return steps, target.directory
