@@ -55,6 +55,21 @@ def test_cosine_schedule():
     np.testing.assert_allclose(float(schedule(500)), end, rtol=1e-6)  # stays at the end value
 
 
+def test_cosine_cycles_schedule_restarts_each_cycle_from_zero():
+    peaks, warmups, lengths = (1e-3, 4e-4), (10, 5), (110, 45)
+    schedule = schedules.make_schedule("cosine_cycles", peak_values=peaks, warmup_steps=warmups, cycle_steps=lengths)
+    first = schedules.cosine_schedule(peaks[0], warmups[0], lengths[0])
+    for count in [0, 5, 10, 60, 109, 110]:  # the first cycle is a plain cosine schedule
+        np.testing.assert_allclose(float(schedule(count)), float(first(count)), rtol=1e-6, atol=1e-12)
+    assert float(schedule(110)) == pytest.approx(0.0, abs=1e-12)  # annealed, then the restart
+    np.testing.assert_allclose(float(schedule(110 + 5)), 4e-4, rtol=1e-6)  # second peak after its warmup
+    np.testing.assert_allclose(float(schedule(110 + 2)), 4e-4 * 2 / 5, rtol=1e-5)
+    np.testing.assert_allclose(float(schedule(110 + 25)), 2e-4, rtol=1e-5)  # halfway down the second cycle
+    assert float(schedule(155)) == pytest.approx(0.0, abs=1e-12) and float(schedule(10**4)) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="one peak, warmup and length per cycle"):
+        schedules.make_schedule("cosine_cycles", peak_values=(1e-3,), warmup_steps=(1, 1), cycle_steps=(5, 5))
+
+
 def test_constant_schedule():
     schedule = schedules.make_schedule("constant", value=3e-4)
     assert [float(schedule(c)) for c in (0, 7, 10**6)] == pytest.approx([3e-4] * 3)

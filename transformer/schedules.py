@@ -5,6 +5,8 @@
   paper         scale * d_model^-0.5 * min(step^-0.5, step * warmup^-1.5), step = count + 1 (paper, eq. 3)
   inverse_sqrt  linear warmup to peak, then peak * sqrt(warmup / count) (fairseq's inverse_sqrt)
   cosine        linear warmup to peak, then cosine decay to end_value at total_steps
+  cosine_cycles cosine cycles one after another, each with its own peak, warmup and length
+                (SGDR-style warm restarts, Loshchilov & Hutter 2017)
   constant      value
 """
 
@@ -59,6 +61,26 @@ def cosine_schedule(peak_value: float, warmup_steps: int, total_steps: int, end_
                                               end_value=end_value)
 
 
+def cosine_cycles_schedule(peak_values, warmup_steps, cycle_steps, end_value: float = 0.0) -> optax.Schedule:
+    """Cosine cycles back to back (warm restarts): cycle i warms up linearly from 0 to
+    `peak_values[i]` over `warmup_steps[i]` updates, then anneals to `end_value` at the end of its
+    `cycle_steps[i]` updates; the next cycle starts there. With one cycle it is `cosine_schedule`.
+
+    The first cycle of a run does not depend on the later ones, so a finished single-cycle cosine
+    run can be continued with more cycles from its last checkpoint.
+    """
+    peak_values, warmup_steps, cycle_steps = tuple(peak_values), tuple(warmup_steps), tuple(cycle_steps)
+    if not cycle_steps or not len(peak_values) == len(warmup_steps) == len(cycle_steps):
+        raise ValueError(f"Need one peak, warmup and length per cycle, got {peak_values}, {warmup_steps} and "
+                         f"{cycle_steps}.")
+    cycles = [cosine_schedule(p, w, n, end_value=end_value) for p, w, n in zip(peak_values, warmup_steps, cycle_steps)]
+    boundaries, start = [], 0
+    for n in cycle_steps[:-1]:
+        start += n
+        boundaries.append(start)
+    return optax.join_schedules(cycles, boundaries)  # cycle i sees count - (start of cycle i)
+
+
 def constant_schedule(value: float) -> optax.Schedule:
     return optax.constant_schedule(value)
 
@@ -68,6 +90,7 @@ SCHEDULES = {
     "rsqrt": paper_schedule,  # the name T2T and the Flax WMT example use for the same schedule
     "inverse_sqrt": inverse_sqrt_schedule,
     "cosine": cosine_schedule,
+    "cosine_cycles": cosine_cycles_schedule,
     "constant": constant_schedule,
 }
 

@@ -74,6 +74,14 @@ def make_schedule(config: ml_collections.ConfigDict, d_model: int) -> optax.Sche
     if opt.schedule == "cosine":
         return schedules.make_schedule("cosine", peak_value=opt.learning_rate, warmup_steps=opt.warmup_steps,
                                        total_steps=config.num_train_steps)
+    if opt.schedule == "cosine_cycles":  # peaks are learning_rate * cycle_lr_scales
+        cycle_steps = tuple(opt.cycle_steps)
+        if sum(cycle_steps) != config.num_train_steps:
+            raise ValueError(f"optimizer.cycle_steps {cycle_steps} sum to {sum(cycle_steps)}, not to "
+                             f"num_train_steps={config.num_train_steps}.")
+        return schedules.make_schedule("cosine_cycles",
+                                       peak_values=[opt.learning_rate * s for s in opt.cycle_lr_scales],
+                                       warmup_steps=opt.cycle_warmup_steps, cycle_steps=cycle_steps)
     return schedules.make_schedule(opt.schedule, value=opt.learning_rate)
 
 

@@ -41,9 +41,14 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.manual_dir = ""  # local raw files (Multi30k: the *.en.gz / *.de.gz files)
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.schedule = "paper"  # "paper" | "inverse_sqrt" | "cosine" | "constant"
+    config.optimizer.schedule = "paper"  # "paper" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"
     config.optimizer.learning_rate = 1.0  # peak (inverse_sqrt, cosine, constant) or scale (paper)
     config.optimizer.warmup_steps = 4000
+    # cosine_cycles only: one entry per cycle; lengths sum to num_train_steps, peaks are
+    # learning_rate * cycle_lr_scales (warmup_steps is not used).
+    config.optimizer.cycle_steps = ()
+    config.optimizer.cycle_lr_scales = ()
+    config.optimizer.cycle_warmup_steps = ()
     config.optimizer.b1 = 0.9  # paper, Sec. 5.3
     config.optimizer.b2 = 0.98
     config.optimizer.eps = 1e-9
