@@ -2,7 +2,7 @@
 
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_hour          # the 60-minute recipe
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_full \
-        --config=experiments/configs/multi30k.py:full                             # our ~2-hour recipe
+        --config=experiments/configs/multi30k.py:full                             # our ~4-hour recipe (run it twice)
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_paper \
         --config=experiments/configs/multi30k.py:paper                            # the published recipe
 

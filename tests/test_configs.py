@@ -51,12 +51,22 @@ def test_multi30k_variants_share_the_model_and_reject_unknown_names():
     models = {v: load("multi30k", v).model for v in ("paper", "full", "hour")}
     shape = lambda m: (m.num_encoder_layers, m.d_model, m.d_ff, m.num_heads)  # noqa: E731
     assert shape(models["full"]) == shape(models["hour"]) == shape(models["paper"])
-    full = load("multi30k", "full")
-    schedule = training.make_schedule(full, full.model.d_model)  # anneals to zero at the last update
-    assert float(schedule(full.optimizer.warmup_steps)) == pytest.approx(full.optimizer.learning_rate)
-    assert float(schedule(full.num_train_steps)) == pytest.approx(0.0, abs=1e-9)
     with pytest.raises(ValueError, match="Unknown multi30k variant 'fast'"):
         load("multi30k", "fast")
+
+
+def test_multi30k_full_recipe_is_two_cosine_cycles():
+    """`full`: two 7,000-update cosine cycles; each anneals to zero, the second peaks at half the first."""
+    full = load("multi30k", "full")
+    schedule = training.make_schedule(full, full.model.d_model)
+    lr = full.optimizer.learning_rate
+    assert full.num_train_steps == 14_000
+    assert float(schedule(800)) == pytest.approx(lr) and float(schedule(7000 + 500)) == pytest.approx(lr / 2)
+    for end in (7000, 14_000):
+        assert float(schedule(end)) == pytest.approx(0.0, abs=1e-9)
+    full.num_train_steps = 10_000
+    with pytest.raises(ValueError, match="sum to 14000, not to num_train_steps=10000"):
+        training.make_schedule(full, full.model.d_model)
 
 
 @pytest.mark.slow
@@ -66,6 +76,9 @@ def test_config_trains_two_steps(tmp_path, name, arg):
     config.model.num_layers = 1
     config.num_train_steps = 2
     config.optimizer.warmup_steps = 1  # a cosine schedule needs warmup < num_train_steps
+    if config.optimizer.schedule == "cosine_cycles":  # one update per cycle
+        config.optimizer.cycle_steps = (1, 1)
+        config.optimizer.cycle_warmup_steps = (0, 0)
     config.log_every = config.eval_every = config.checkpoint.every = 2
     config.bleu_every = 0
     config.max_train_minutes = 0.0

@@ -6,9 +6,10 @@ Three variants (`--config=experiments/configs/multi30k.py:VARIANT`):
     0.9/0.98, inverse-sqrt schedule (2,000 warmup steps to 5e-3), label smoothing 0.1, ~8k target
     tokens per update, 8,000 updates, average of the last 10 checkpoints, beam 5. Published:
     41.0 lowercased BLEU on test_2016_flickr. About 4.5 hours on a 2-core CPU.
-  * `full` (default): our recipe for the same model, about 2 hours on a 2-core CPU: packed rows
-    (~7% padding instead of ~25%), ~3.8k-token updates (more of them per hour of compute), 7,000
-    updates on a warmup + cosine schedule that anneals to zero, dropout 0.3.
+  * `full` (default): our recipe for the same model, about 4 hours on a 2-core CPU: packed rows
+    (~7% padding instead of ~25%), ~3.8k-token updates (more of them per hour of compute), 14,000
+    updates in two warmup + cosine cycles that each anneal to zero (the second restarts at half
+    the peak), dropout 0.3. Measured here: 41.20 lowercased / 40.80 cased BLEU on test_2016_flickr.
   * `hour`: the same model sized to finish training and evaluation within 60 minutes on a 2-core
     CPU: the time budget ends an inverse-sqrt schedule, with less dropout for the short run.
 
@@ -68,12 +69,16 @@ def get_config(variant: str = "full"):
         config.checkpoint.every = 150
 
     if variant == "full":
-        # ~2 hours of training on 2 CPU cores (~1 s an update), then averaging and beam search.
-        # The cosine schedule anneals to zero at the last update; the time budget is a safety net
-        # that ends the run (with a checkpoint) if the machine is slower than that.
+        # ~4 hours of training on 2 CPU cores (~1 s an update), then averaging and beam search:
+        # two cosine cycles of 7,000 updates (a warm restart at half the peak for the second). The
+        # first cycle alone is a complete ~2-hour recipe (it anneals to zero at update 7,000). The
+        # time budget ends one invocation (with a checkpoint); the same command resumes the run.
         packed_small_updates()
-        config.optimizer.schedule = "cosine"
-        config.num_train_steps = 7000
+        config.optimizer.schedule = "cosine_cycles"
+        config.optimizer.cycle_steps = (7000, 7000)
+        config.optimizer.cycle_lr_scales = (1.0, 0.5)
+        config.optimizer.cycle_warmup_steps = (800, 500)
+        config.num_train_steps = 14_000
         config.max_train_minutes = 150.0
         config.checkpoint.keep = 10
 
