@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import jax.numpy as jnp
 import optax
 
@@ -74,10 +76,7 @@ def cosine_cycles_schedule(peak_values, warmup_steps, cycle_steps, end_value: fl
         raise ValueError(f"Need one peak, warmup and length per cycle, got {peak_values}, {warmup_steps} and "
                          f"{cycle_steps}.")
     cycles = [cosine_schedule(p, w, n, end_value=end_value) for p, w, n in zip(peak_values, warmup_steps, cycle_steps)]
-    boundaries, start = [], 0
-    for n in cycle_steps[:-1]:
-        start += n
-        boundaries.append(start)
+    boundaries = list(itertools.accumulate(cycle_steps[:-1]))  # where cycles 1, 2, ... start
     return optax.join_schedules(cycles, boundaries)  # cycle i sees count - (start of cycle i)
 
 
