@@ -5,7 +5,7 @@
 
 from absl import app, flags
 
-from transformer import inference
+from transformer import inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _NUM = flags.DEFINE_integer("num_checkpoints", 5, "How many of the latest checkpoints to average.")
@@ -14,6 +14,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    runtime.initialize()
     steps, directory = inference.average_checkpoints(_WORKDIR.value, _NUM.value)
     print(f"Averaged checkpoints {steps} into {directory}/{steps[-1]}")
 

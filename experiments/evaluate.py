@@ -7,7 +7,7 @@ Writes <workdir>/eval/<split>.<checkpoint>.txt (one translation per line) and .j
 
 from absl import app, flags
 
-from transformer import inference
+from transformer import inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split of the run's dataset to score.")
@@ -19,6 +19,7 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
+    runtime.initialize()
     result = inference.evaluate_split(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value, _BEAM.value, _ALPHA.value)
     print(f"{result['split']} ({result['checkpoint']} checkpoint, step {result['step']}, "
           f"beam {result['beam_size']}): BLEU {result['bleu']:.2f}  lowercased BLEU {result['bleu_lc']:.2f}  "

@@ -4,7 +4,7 @@
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_full \
         --config=experiments/configs/multi30k.py:full                             # our ~4-hour recipe (run it twice)
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_paper \
-        --config=experiments/configs/multi30k.py:paper                            # the published recipe
+        --config=experiments/configs/multi30k.py:paper                            # the published recipe's hyperparameters
 
 Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
 otherwise the files are downloaded. Prints progress, then a results table; writes
@@ -13,19 +13,22 @@ otherwise the files are downloaded. Prints progress, then a results table; write
 
 import json
 import os
+import sys
 import time
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from transformer import inference, training
+from transformer import inference, runtime, training
+from transformer.run_config import TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/multi30k.py:hour", "Experiment config.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/multi30k_hour", "Where checkpoints, metrics and results go.")
 _RAW_DIR = flags.DEFINE_string("raw_dir", None, "Multi30k raw files (default: ../shared/data/multi30k if present).")
 _NUM_AVERAGE = flags.DEFINE_integer("num_average", None, "Checkpoints to average (default: config.checkpoint.keep).")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
 
 DEFAULT_RAW_DIR = os.path.join("..", "shared", "data", "multi30k")
 
@@ -36,13 +39,18 @@ def main(argv):
     config, workdir = _CONFIG.value, _WORKDIR.value
     raw_dir = _RAW_DIR.value or (DEFAULT_RAW_DIR if os.path.isdir(DEFAULT_RAW_DIR) else "")
     with config.unlocked():
-        config.data.manual_dir = os.path.abspath(raw_dir) if raw_dir else ""
+        config.data.manual_dir = os.path.abspath(raw_dir) if raw_dir else None
         config.data.data_dir = config.data.data_dir or os.path.abspath(os.path.join(workdir, "tfds"))
+    try:
+        run = TrainConfig.from_dict(config)
+    except ValueError as e:
+        sys.exit(f"Error: {e}")
+    runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value)
     print(f"Training in {workdir} (data: {raw_dir or 'download'})", flush=True)
     training.train_and_evaluate(config, workdir)
     train_minutes = (time.time() - start) / 60
 
-    steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or config.checkpoint.keep)
+    steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or run.checkpoint.keep)
     print(f"Averaged checkpoints {steps}", flush=True)
     results = dict(train_minutes=train_minutes, steps=steps[-1], averaged=steps, splits={})
     for split in ("validation", "test"):

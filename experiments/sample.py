@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from transformer import decoding, inference
+from transformer import decoding, inference, runtime, tokens
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a language-model training run.")
 _PROMPT = flags.DEFINE_multi_string("prompt", [""], "Prompt(s); one sample each.")
@@ -23,9 +23,10 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    config, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
-    if config.objective != "lm":
-        raise app.UsageError(f"{_WORKDIR.value} holds a {config.objective!r} run; sampling needs an 'lm' run.")
+    runtime.initialize()
+    run, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
+    if run.objective != "lm":
+        raise app.UsageError(f"{_WORKDIR.value} holds a {run.objective!r} run; sampling needs an 'lm' run.")
     model = trainer.model
     encode = tokenizer.encode if tokenizer else (lambda text: [int(t) for t in text.split()])
     prompts = [encode(p) for p in _PROMPT.value]
@@ -34,7 +35,7 @@ def main(argv):
     prompt = np.zeros((len(prompts), max(1, max(map(len, prompts)))), np.int32)
     for i, ids in enumerate(prompts):
         prompt[i, :len(ids)] = ids
-    eos_id = tokenizer.eos_id if tokenizer else 1
+    eos_id = tokenizer.eos_id if tokenizer else tokens.EOS_ID
 
     @jax.jit
     def run(params, prompt, rng):

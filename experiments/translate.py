@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from transformer import evaluation, inference
+from transformer import evaluation, inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _INPUT = flags.DEFINE_string("input", None, "File of sentences, one per line (default: stdin).")
@@ -24,7 +24,8 @@ flags.mark_flags_as_required(["workdir"])
 
 def main(argv):
     del argv
-    config, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
+    runtime.initialize()
+    run, trainer, params, tokenizer, _ = inference.load_for_inference(_WORKDIR.value, _CHECKPOINT.value)
     if tokenizer is None:
         raise app.UsageError("experiments.translate needs a run trained on real text (it has a tokenizer).")
     if _INPUT.value:
@@ -32,11 +33,9 @@ def main(argv):
             lines = f.read().splitlines()
     else:
         lines = sys.stdin.read().splitlines()
-    translator = evaluation.Translator(
-        trainer.model, tokenizer, beam_size=_BEAM.value or config.decode.beam_size,
-        alpha=config.decode.alpha if _ALPHA.value is None else _ALPHA.value,
-        batch_size=_BATCH.value or config.decode.batch_size, max_input_length=config.data.max_length,
-        sharding=trainer.batch_sharding)
+    translator = evaluation.Translator.from_config(
+        trainer.model, tokenizer, run.decode, max_input_length=run.data.max_length, sharding=trainer.batch_sharding,
+        beam_size=_BEAM.value, alpha=_ALPHA.value, batch_size=_BATCH.value)
     with trainer.context():
         for translation in translator(params, lines):
             print(translation)

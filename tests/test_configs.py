@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from transformer import training
+from transformer import optimizers, training
+from transformer.run_config import TrainConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
@@ -24,31 +25,33 @@ def load(name, arg):
 
 
 def test_paper_hyperparameters():
-    base, big = load("wmt14_ende_base", None), load("wmt14_ende_big", None)
-    assert (base.model.preset, base.model.dropout_rate, base.num_train_steps, base.checkpoint.keep) == (
-        "base", 0.1, 100_000, 5)
-    assert (big.model.preset, big.model.d_model, big.model.d_ff, big.model.num_heads, big.model.dropout_rate,
-            big.num_train_steps, big.checkpoint.keep) == ("big", 1024, 4096, 16, 0.3, 300_000, 20)
+    base, big = (TrainConfig.from_dict(load(name, None)) for name in ("wmt14_ende_base", "wmt14_ende_big"))
+    assert (base.model.d_model, base.model.dropout_rate, base.num_train_steps, base.checkpoint.keep) == (
+        512, 0.1, 100_000, 5)
+    assert (big.model.d_model, big.model.d_ff, big.model.num_heads, big.model.dropout_rate,
+            big.num_train_steps, big.checkpoint.keep) == (1024, 4096, 16, 0.3, 300_000, 20)
     for config in (base, big):
         assert config.data.name == "wmt14_translate/de-en" and config.data.vocab_size == 37_000
+        assert config.data.tokenizer == "bpe"  # one shared BPE vocabulary (paper, Sec. 5.1)
         assert config.data.tokens_per_batch == 25_000 and config.optimizer.warmup_steps == 4000
         assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.98, 1e-9)
         assert (config.decode.beam_size, config.decode.alpha, config.label_smoothing) == (4, 0.6, 0.1)
 
 
 def test_multi30k_paper_recipe():
-    """`multi30k.py:paper` is the published Transformer-Tiny recipe (Wu et al., 2021), verbatim."""
-    c = load("multi30k", "paper")
+    """`multi30k.py:paper` has the published Transformer-Tiny recipe's hyperparameters (Wu et al., 2021), BPE included."""
+    c = TrainConfig.from_dict(load("multi30k", "paper"))
     m = c.model
     assert (m.num_encoder_layers, m.num_decoder_layers, m.d_model, m.d_ff, m.num_heads, m.dropout_rate) == (
         4, 4, 128, 256, 4, 0.3)
     assert m.share_embeddings and c.data.vocab_size == 10_000 and c.data.tokens_per_batch == 8192
+    assert c.data.tokenizer == "bpe" and c.data.batching == "bucket"
     assert (c.optimizer.schedule, c.optimizer.learning_rate, c.optimizer.warmup_steps) == ("inverse_sqrt", 5e-3, 2000)
     assert (c.num_train_steps, c.checkpoint.keep, c.decode.beam_size, c.label_smoothing) == (8000, 10, 5, 0.1)
 
 
 def test_multi30k_variants_share_the_model_and_reject_unknown_names():
-    models = {v: load("multi30k", v).model for v in ("paper", "full", "hour")}
+    models = {v: TrainConfig.from_dict(load("multi30k", v)).model for v in ("paper", "full", "hour")}
     shape = lambda m: (m.num_encoder_layers, m.d_model, m.d_ff, m.num_heads)  # noqa: E731
     assert shape(models["full"]) == shape(models["hour"]) == shape(models["paper"])
     with pytest.raises(ValueError, match="Unknown multi30k variant 'fast'"):
@@ -58,15 +61,16 @@ def test_multi30k_variants_share_the_model_and_reject_unknown_names():
 def test_multi30k_full_recipe_is_two_cosine_cycles():
     """`full`: two 7,000-update cosine cycles; each anneals to zero, the second peaks at half the first."""
     full = load("multi30k", "full")
-    schedule = training.make_schedule(full, full.model.d_model)
+    run = TrainConfig.from_dict(full)
+    schedule = optimizers.make_schedule(run.optimizer, d_model=run.model.d_model, total_steps=run.num_train_steps)
     lr = full.optimizer.learning_rate
     assert full.num_train_steps == 14_000
     assert float(schedule(800)) == pytest.approx(lr) and float(schedule(7000 + 500)) == pytest.approx(lr / 2)
     for end in (7000, 14_000):
         assert float(schedule(end)) == pytest.approx(0.0, abs=1e-9)
     full.num_train_steps = 10_000
-    with pytest.raises(ValueError, match="sum to 14000, not to num_train_steps=10000"):
-        training.make_schedule(full, full.model.d_model)
+    with pytest.raises(ValueError, match="config.optimizer.cycle_steps=.* sum to 14000, not to num_train_steps=10000"):
+        TrainConfig.from_dict(full)
 
 
 @pytest.mark.slow
@@ -75,7 +79,8 @@ def test_config_trains_two_steps(tmp_path, name, arg):
     config = load(name, arg)
     config.model.num_layers = 1
     config.num_train_steps = 2
-    config.optimizer.warmup_steps = 1  # a cosine schedule needs warmup < num_train_steps
+    if config.optimizer.warmup_steps is not None:
+        config.optimizer.warmup_steps = 1  # a cosine schedule needs warmup < num_train_steps
     if config.optimizer.schedule == "cosine_cycles":  # one update per cycle
         config.optimizer.cycle_steps = (1, 1)
         config.optimizer.cycle_warmup_steps = (0, 0)
@@ -87,8 +92,11 @@ def test_config_trains_two_steps(tmp_path, name, arg):
         config.data.manual_dir = MULTI30K
         config.data.data_dir = str(tmp_path / "tfds")
         config.data.vocab_size = 500
-        config.data.tokens_per_batch = min(config.data.tokens_per_batch, 2048)
-        config.data.batch_size = min(config.data.batch_size, 32)
+        if config.data.batching == "bucket":
+            config.data.tokens_per_batch = min(config.data.tokens_per_batch, 2048)
+        else:
+            config.data.batch_size = min(config.data.batch_size, 32)
+        config.data.eval_batch_size = min(config.data.eval_batch_size, 32)
         config.prng_impl = ""
     final = training.train_and_evaluate(config, str(tmp_path / "run"))
     assert final["loss"] > 0 and final["eval_loss"] > 0

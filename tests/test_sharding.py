@@ -36,7 +36,7 @@ def sharded_config():
     config.data.update(batch_size=16, max_length=8, vocab_size=64)
     # NOTE: Adam's first updates are ~lr * sign(g); eps = 1e-3 keeps the comparison well conditioned
     # for entries whose gradient is itself at rounding level (it differs across reduction orders).
-    config.optimizer.update(schedule="constant", learning_rate=1e-3, eps=1e-3)
+    config.optimizer.update(schedule="constant", learning_rate=1e-3, eps=1e-3, warmup_steps=None)
     return config
 
 

@@ -41,6 +41,13 @@ class Translator:
             decoding.translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, alpha=alpha,
             max_extra_length=max_extra_length))
 
+    @classmethod
+    def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None, **overrides) -> "Translator":
+        """A Translator with a run's `DecodeConfig` (beam_size, alpha, batch_size); `overrides` replace any of them."""
+        settings = dict(beam_size=decode.beam_size, alpha=decode.alpha, batch_size=decode.batch_size)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(model, tokenizer, max_input_length=max_input_length, sharding=sharding, **settings)
+
     def encode(self, sentence: str) -> list[int]:
         ids = self.tokenizer.encode(sentence)
         if len(ids) + 1 > self.max_input_length:

@@ -13,30 +13,39 @@ import jax
 import ml_collections
 from absl import logging
 
-from transformer import checkpointing, evaluation, sharding, training
+from transformer import checkpointing, evaluation, inputs, runtime, sharding, training
+from transformer.run_config import TrainConfig
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config the training run wrote into `workdir`."""
+def load_config(workdir: str) -> TrainConfig:
+    """The validated config of the training run in `workdir` (from the config.json it wrote).
+
+    Leaves that older versions wrote but that have no effect are dropped with a warning.
+    """
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: is {workdir} the workdir of a training run?")
     with open(path) as f:
-        return ml_collections.ConfigDict(json.load(f))
+        return TrainConfig.from_dict(ml_collections.ConfigDict(json.load(f)), strict=False)
 
 
 def load_for_inference(workdir: str, checkpoint: str = "latest"):
-    """(config, trainer, params, tokenizer or None, step) from a workdir's "latest" or "averaged" checkpoint."""
-    config = load_config(workdir)
+    """(config, trainer, params, tokenizer or None, step) from a workdir's "latest" or "averaged" checkpoint.
+
+    `config` is the run's TrainConfig. The PRNG implementation becomes the run's (its checkpoints
+    hold keys of that implementation).
+    """
+    run = load_config(workdir)
+    runtime.use_prng_impl(run.prng_impl)
     tokenizer = None
-    vocab_size = config.data.vocab_size
-    spm_path = os.path.join(workdir, "spm.model")
-    if config.data.name != "synthetic":
+    vocab_size = run.data.vocab_size
+    if not run.data.synthetic:
         from transformer import data  # noqa: PLC0415
 
-        tokenizer = data.load_tokenizer(spm_path)
+        tokenizer = data.load_tokenizer(os.path.join(workdir, "spm.model"))
         vocab_size = tokenizer.vocab_size
-    trainer = training.Trainer(config, training.model_config(config, vocab_size), sharding.make_mesh(**config.mesh))
+    mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
+    trainer = training.Trainer(run, run.model_config(vocab_size), mesh)
     directory = {"latest": "checkpoints", "averaged": "averaged"}.get(checkpoint)
     if directory is None:
         raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'averaged'.")
@@ -48,7 +57,7 @@ def load_for_inference(workdir: str, checkpoint: str = "latest"):
         state, _, step = ckpt.restore(trainer.abstract_state)
     finally:
         ckpt.close()
-    return config, trainer, state.params, tokenizer, step
+    return run, trainer, state.params, tokenizer, step
 
 
 def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], str]:
@@ -69,29 +78,23 @@ def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], 
 
 
 def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_size=None, alpha=None) -> dict:
-    from transformer import data  # noqa: PLC0415
+    """sacreBLEU (cased, lowercased) and teacher-forced perplexity of a translation run on `split`.
 
-    config, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint)
-    if config.objective != "translation" or tokenizer is None:
+    Writes <workdir>/eval/<split>.<checkpoint>.txt (the translations) and .json (the scores).
+    """
+    run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint)
+    if run.objective != "translation" or tokenizer is None:
         raise ValueError("experiments.evaluate scores translation runs on real data.")
-    source = data.load_translation_split(
-        config.data.name, split, source_lang=config.data.source_lang, target_lang=config.data.target_lang,
-        data_dir=config.data.data_dir or None, manual_dir=config.data.manual_dir or None)
-    examples = [source[i] for i in range(len(source))]
-    beam_size = beam_size or config.decode.beam_size
-    translator = evaluation.Translator(
-        trainer.model, tokenizer, beam_size=beam_size,
-        alpha=config.decode.alpha if alpha is None else alpha, batch_size=config.decode.batch_size,
-        max_input_length=config.data.max_length, sharding=trainer.batch_sharding)
+    split_inputs = inputs.eval_inputs(run, tokenizer, split)  # the split alone, no training pipeline
+    translator = evaluation.Translator.from_config(trainer.model, tokenizer, run.decode,
+                                                   max_input_length=run.data.max_length,
+                                                   sharding=trainer.batch_sharding, beam_size=beam_size, alpha=alpha)
+    sources, references = split_inputs.eval_texts
     with trainer.context():
-        scores = evaluation.evaluate_translations(
-            translator, params, [e["source"] for e in examples], [e["target"] for e in examples])
-    # Per-token perplexity with teacher forcing on the same split.
-    config.data.eval_split = split
-    inputs = training.make_inputs(config, workdir)
-    loss = training.evaluate(trainer, params, inputs.eval_batches())
+        scores = evaluation.evaluate_translations(translator, params, sources, references)
+    loss = training.evaluate(trainer, params, split_inputs.eval_batches())  # per-token perplexity
     hypotheses = scores.pop("hypotheses")
-    result = dict(split=split, checkpoint=checkpoint, step=step, beam_size=beam_size,
+    result = dict(split=split, checkpoint=checkpoint, step=step, beam_size=beam_size or run.decode.beam_size,
                   **scores, perplexity=loss["perplexity"], loss=loss["loss"])
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval")

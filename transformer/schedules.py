@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 
 import jax.numpy as jnp
@@ -99,3 +100,34 @@ def make_schedule(name: str, **kwargs) -> optax.Schedule:
     if name not in SCHEDULES:
         raise ValueError(f"Unknown learning-rate schedule {name!r}; choose one of {sorted(SCHEDULES)}.")
     return SCHEDULES[name](**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# From an optimizer config: each schedule's builder names the config fields it reads (its keyword
+# arguments), from `learning_rate`, `warmup_steps`, `cycle_steps`, `cycle_lr_scales`,
+# `cycle_warmup_steps`, plus `d_model` and `total_steps` (num_train_steps). A field a schedule's
+# builder does not name has no effect on it (`transformer.run_config` rejects it when set).
+
+CONFIG_BUILDERS = {
+    "paper": lambda *, learning_rate, warmup_steps, d_model: paper_schedule(d_model, warmup_steps, scale=learning_rate),
+    "rsqrt": lambda *, learning_rate, warmup_steps, d_model: paper_schedule(d_model, warmup_steps, scale=learning_rate),
+    "inverse_sqrt": lambda *, learning_rate, warmup_steps: inverse_sqrt_schedule(learning_rate, warmup_steps),
+    "cosine": lambda *, learning_rate, warmup_steps, total_steps: cosine_schedule(learning_rate, warmup_steps,
+                                                                                  total_steps),
+    # Peaks are learning_rate * cycle_lr_scales.
+    "cosine_cycles": lambda *, learning_rate, cycle_lr_scales, cycle_warmup_steps, cycle_steps: cosine_cycles_schedule(
+        [learning_rate * s for s in cycle_lr_scales], cycle_warmup_steps, cycle_steps),
+    "constant": lambda *, learning_rate: constant_schedule(learning_rate),
+}
+
+
+def config_fields(name: str) -> frozenset[str]:
+    """The config fields (and `d_model` / `total_steps`) that schedule `name` reads."""
+    if name not in CONFIG_BUILDERS:
+        raise ValueError(f"Unknown learning-rate schedule {name!r}; choose one of {sorted(CONFIG_BUILDERS)}.")
+    return frozenset(inspect.signature(CONFIG_BUILDERS[name]).parameters)
+
+
+def from_config(name: str, **available) -> optax.Schedule:
+    """Schedule `name` from `available` config values, each builder taking the ones it names."""
+    return CONFIG_BUILDERS[name](**{k: available[k] for k in config_fields(name)})

@@ -35,7 +35,8 @@ def main(argv):
         config = defaults.base_config()
         config.model = defaults.model_fields(preset)
         config.model.dtype = _DTYPE.value
-        config.data.update(batch_size=_BATCH.value, max_length=_LENGTH.value, vocab_size=_VOCAB.value)
+        defaults.synthetic_data(config, task="copy", batch_size=_BATCH.value, max_length=_LENGTH.value,
+                                vocab_size=_VOCAB.value)
         config.optimizer.update(schedule="constant", learning_rate=1e-4)
         model_cfg = training.model_config(config, _VOCAB.value)
         trainer = training.Trainer(config, model_cfg, sharding.make_mesh(data=-1))

@@ -11,10 +11,7 @@ def get_config(task: str = "copy"):
     config = defaults.base_config()
     config.model = defaults.model_fields("tiny")
     config.model.dropout_rate = 0.0  # a noiseless task: no regularisation needed
-    config.data.task = task
-    config.data.batch_size = 32
-    config.data.max_length = 16
-    config.data.vocab_size = 16
+    defaults.synthetic_data(config, task=task, batch_size=32, max_length=16, vocab_size=16)
     config.optimizer.schedule = "inverse_sqrt"
     config.optimizer.learning_rate = 5e-3
     config.optimizer.warmup_steps = 50

@@ -1,4 +1,9 @@
-"""Defaults shared by every experiment config; each experiment's `get_config()` starts here."""
+"""Defaults shared by every experiment config; each experiment's `get_config()` starts here.
+
+This is the one place that gives a field a default. Fields that apply to some runs only are unset
+(None, or () for tuples): set them where they apply. `transformer.run_config` reads every field,
+rejects one set where it has no effect, and asks for one that a run needs but leaves unset.
+"""
 
 import dataclasses
 
@@ -6,16 +11,21 @@ import ml_collections
 
 from transformer.config import ModelConfig
 
+placeholder = ml_collections.config_dict.placeholder
+
 
 def model_fields(preset: str) -> ml_collections.ConfigDict:
-    """`config.model`: a preset name plus every ModelConfig field, so each is overridable by flag."""
-    fields = dataclasses.asdict(ModelConfig.preset(preset))
-    fields["num_kv_heads"] = ml_collections.config_dict.placeholder(int)
-    fields["sliding_window"] = ml_collections.config_dict.placeholder(int)
+    """`config.model`: a preset name plus an unset override per ModelConfig field (None = the preset's value).
+
+    The vocabulary size is not a field here: the data sets it (data.vocab_size, or the tokenizer's size).
+    """
+    defaults = ModelConfig()
+    overrides = {f.name: placeholder(type(getattr(defaults, f.name)) if getattr(defaults, f.name) is not None else int)
+                 for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size"}
     return ml_collections.ConfigDict(dict(
-        preset=preset,
-        num_layers=ml_collections.config_dict.placeholder(int),  # if set: encoder and decoder depth
-        **fields))
+        preset=preset,  # "tiny" | "base" | "big" (transformer.config.PRESETS)
+        num_layers=placeholder(int),  # if set: the depth of every stack (wins over num_encoder/decoder_layers)
+        **overrides))
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -26,26 +36,28 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict()
     config.data.name = "synthetic"  # "synthetic" | a dataset name understood by transformer.data
-    config.data.task = "copy"  # synthetic translation task: "copy" | "reverse" | "sort"
-    config.data.batch_size = 64  # global rows per step (split over processes)
+    config.data.vocab_size = 32  # synthetic: the vocabulary; real data: the SentencePiece size asked for
     config.data.max_length = 32  # tokens per row
-    config.data.vocab_size = 32  # synthetic vocabulary (real data: the SentencePiece size)
-    config.data.eval_batches = 4  # synthetic: batches per evaluation
-    config.data.batching = "bucket"  # real data: "pad" | "bucket" (token budget by length) | "pack"
-    config.data.tokens_per_batch = 4096  # "bucket": global tokens per batch (per side)
-    config.data.train_split = "train"
-    config.data.eval_split = "validation"
-    config.data.source_lang = "en"
-    config.data.target_lang = "de"
-    config.data.data_dir = ""  # TFDS data_dir ("" = TFDS's default)
-    config.data.manual_dir = ""  # local raw files (Multi30k: the *.en.gz / *.de.gz files)
+    config.data.eval_batch_size = 64  # global rows per evaluation batch
+    config.data.batch_size = placeholder(int)  # global rows per training step (synthetic, "pad", "pack")
+    config.data.task = placeholder(str)  # synthetic translation: "copy" | "reverse" | "sort"
+    config.data.eval_batches = placeholder(int)  # synthetic: batches per evaluation
+    config.data.batching = placeholder(str)  # real data: "pad" | "bucket" (token budget by length) | "pack"
+    config.data.tokens_per_batch = placeholder(int)  # "bucket": global tokens per batch (per side)
+    config.data.tokenizer = placeholder(str)  # real data: SentencePiece model type, "unigram" | "bpe"
+    config.data.train_split = placeholder(str)  # real data
+    config.data.eval_split = placeholder(str)
+    config.data.source_lang = placeholder(str)  # real translation data
+    config.data.target_lang = placeholder(str)
+    config.data.data_dir = placeholder(str)  # real data: TFDS data_dir (unset = TFDS's default)
+    config.data.manual_dir = placeholder(str)  # real data: local raw files (Multi30k: *.en.gz / *.de.gz)
 
     config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.schedule = "paper"  # "paper" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"
-    config.optimizer.learning_rate = 1.0  # peak (inverse_sqrt, cosine, constant) or scale (paper)
-    config.optimizer.warmup_steps = 4000
+    config.optimizer.schedule = "paper"  # "paper" | "rsqrt" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"
+    config.optimizer.learning_rate = 1.0  # peak (inverse_sqrt, cosine, constant; cosine_cycles' base) or scale (paper)
+    config.optimizer.warmup_steps = placeholder(int)  # paper, inverse_sqrt, cosine (cosine_cycles: cycle_warmup_steps)
     # cosine_cycles only: one entry per cycle; lengths sum to num_train_steps, peaks are
-    # learning_rate * cycle_lr_scales (warmup_steps is not used).
+    # learning_rate * cycle_lr_scales.
     config.optimizer.cycle_steps = ()
     config.optimizer.cycle_lr_scales = ()
     config.optimizer.cycle_warmup_steps = ()
@@ -65,18 +77,36 @@ def base_config() -> ml_collections.ConfigDict:
     config.prng_impl = ""  # jax_default_prng_impl: "" = JAX's default (threefry); "unsafe_rbg" is cheaper
     config.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
 
-    config.bleu_every = 0  # translation on real data: sacreBLEU on the eval split every N steps (a multiple of eval_every)
+    # Translation on real data: sacreBLEU on the eval split every N steps (a multiple of eval_every;
+    # 0 = never), and how to decode (also the default of experiments.evaluate / translate).
+    config.bleu_every = 0
     config.decode = ml_collections.ConfigDict()
-    config.decode.beam_size = 4  # paper: beam 4, length penalty alpha 0.6
-    config.decode.alpha = 0.6
-    config.decode.batch_size = 64  # sentences per decoding batch
-    config.decode.bleu_sentences = 0  # sentences scored during training (0 = the whole eval split)
+    config.decode.beam_size = placeholder(int)  # paper: beam 4, length penalty alpha 0.6
+    config.decode.alpha = placeholder(float)
+    config.decode.batch_size = placeholder(int)  # sentences per decoding batch
+    config.decode.bleu_sentences = placeholder(int)  # sentences scored during training (0 = the whole eval split)
 
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))  # -1: the devices left
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 1000
     config.checkpoint.keep = 3  # the last N
-    config.checkpoint.best_metric = "eval_loss"  # also keep the best checkpoint by this eval metric
-    config.checkpoint.best_mode = "min"
+    config.checkpoint.best_metric = "eval_loss"  # also keep the best checkpoint by this eval metric ("" = not)
+    config.checkpoint.best_mode = "min"  # "min" | "max"
     return config
+
+
+def real_translation_data(config: ml_collections.ConfigDict, name: str, *, source_lang: str, target_lang: str,
+                          vocab_size: int, tokenizer: str) -> None:
+    """Points `config.data` at translation dataset `name` (TFDS splits "train" / "validation")."""
+    config.data.update(name=name, source_lang=source_lang, target_lang=target_lang, vocab_size=vocab_size,
+                       tokenizer=tokenizer, train_split="train", eval_split="validation")
+    config.decode.update(beam_size=4, alpha=0.6, batch_size=64, bleu_sentences=0)
+
+
+def synthetic_data(config: ml_collections.ConfigDict, *, batch_size: int, max_length: int, vocab_size: int,
+                   task: str | None = None, eval_batches: int = 4) -> None:
+    """Synthetic rows: `task` ("copy" | "reverse" | "sort") for translation, a Markov chain otherwise."""
+    config.data.update(name="synthetic", batch_size=batch_size, eval_batch_size=batch_size, max_length=max_length,
+                       vocab_size=vocab_size, eval_batches=eval_batches)
+    config.data.task = task

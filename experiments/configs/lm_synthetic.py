@@ -7,9 +7,7 @@ def get_config():
     config = defaults.base_config()
     config.objective = "lm"
     config.model = defaults.model_fields("tiny")
-    config.data.batch_size = 32
-    config.data.max_length = 32
-    config.data.vocab_size = 32
+    defaults.synthetic_data(config, batch_size=32, max_length=32, vocab_size=32)
     config.optimizer.schedule = "inverse_sqrt"
     config.optimizer.learning_rate = 3e-3
     config.optimizer.warmup_steps = 50

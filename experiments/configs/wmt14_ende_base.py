@@ -21,14 +21,13 @@ def get_config():
     config.model.max_len = 256
     config.model.dtype = "bfloat16"  # compute dtype on accelerators; parameters stay float32
 
-    config.data.name = "wmt14_translate/de-en"
-    config.data.source_lang, config.data.target_lang = "en", "de"
-    config.data.train_split, config.data.eval_split = "train", "validation"
-    config.data.vocab_size = 37_000  # one shared source/target vocabulary (paper, Sec. 5.1)
+    # One shared source/target BPE vocabulary of ~37k tokens (paper, Sec. 5.1).
+    defaults.real_translation_data(config, "wmt14_translate/de-en", source_lang="en", target_lang="de",
+                                   vocab_size=37_000, tokenizer="bpe")
     config.data.batching = "bucket"
     config.data.tokens_per_batch = 25_000  # ~25k source + ~25k target tokens per batch (paper, Sec. 5.1)
     config.data.max_length = 256
-    config.data.batch_size = 256  # eval rows per batch
+    config.data.eval_batch_size = 256
 
     config.optimizer.schedule = "paper"  # d_model^-0.5 * min(step^-0.5, step * warmup^-1.5)
     config.optimizer.learning_rate = 1.0  # the schedule's scale

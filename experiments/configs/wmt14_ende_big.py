@@ -13,9 +13,7 @@ from experiments.configs import wmt14_ende_base
 
 def get_config():
     config = wmt14_ende_base.get_config()
-    config.model = wmt14_ende_base.defaults.model_fields("big")  # d_model 1024, d_ff 4096, 16 heads, dropout 0.3
-    config.model.max_len = 256
-    config.model.dtype = "bfloat16"
+    config.model.preset = "big"  # d_model 1024, d_ff 4096, 16 heads, dropout 0.3; base's overrides on top
     config.num_train_steps = 300_000
     config.checkpoint.keep = 20  # the paper averages the last 20 checkpoints for big models
     return config

@@ -17,26 +17,24 @@ Modules:
 (`synthetic` holds synthetic tasks for tests and smoke runs.)
 """
 
-from transformer.data.batching import bucket_batches, bucket_boundaries
-from transformer.data.pipeline import lm_batches, prefetch_to_device, translation_batches
-from transformer.data.sources import load_text_split, load_translation_split
-from transformer.data.tokenizer import (EOS_ID, PAD_ID, UNK_ID, Tokenizer, load_or_train_tokenizer, load_tokenizer,
-                                        train_tokenizer, translation_texts)
+import importlib
 
-__all__ = [
-    "EOS_ID",
-    "PAD_ID",
-    "UNK_ID",
-    "Tokenizer",
-    "bucket_batches",
-    "bucket_boundaries",
-    "lm_batches",
-    "load_or_train_tokenizer",
-    "load_text_split",
-    "load_tokenizer",
-    "load_translation_split",
-    "prefetch_to_device",
-    "train_tokenizer",
-    "translation_batches",
-    "translation_texts",
-]
+# Names this package exports -> the submodule that defines them. Submodules are imported on first
+# use (PEP 562), so `transformer.data.synthetic` or `.pipeline` loads neither TFDS nor SentencePiece.
+_EXPORTS = {
+    "bucket_batches": "batching", "bucket_boundaries": "batching",
+    "lm_batches": "pipeline", "prefetch_to_device": "pipeline", "translation_batches": "pipeline",
+    "load_text_split": "sources", "load_translation_split": "sources",
+    "EOS_ID": "tokenizer", "PAD_ID": "tokenizer", "UNK_ID": "tokenizer", "Tokenizer": "tokenizer",
+    "load_or_train_tokenizer": "tokenizer", "load_tokenizer": "tokenizer", "train_tokenizer": "tokenizer",
+    "translation_texts": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,40 @@
+"""Process-wide JAX set-up shared by every entry point: joining a multi-process job, the PRNG.
+
+Call `initialize` first thing in a `main`, before anything touches a JAX device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from absl import logging
+
+_joined = False
+
+
+def initialize(prng_impl: str = "", *, distributed: bool = False) -> None:
+    """Joins a multi-process job when the environment (or `distributed`) says there is one; sets the PRNG.
+
+    Multi-process: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID (as
+    launch/slurm_multinode.sbatch sets them), or `distributed=True` on TPU pod slices and other
+    clusters JAX detects by itself. `prng_impl` (e.g. "unsafe_rbg", much cheaper dropout masks than
+    threefry on CPU and GPU) becomes jax_default_prng_impl; "" keeps JAX's default. A checkpoint's
+    PRNG state must be restored under the implementation it was saved with.
+    """
+    global _joined
+    address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not _joined and (address or distributed):
+        if address:
+            jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+                                       process_id=int(os.environ["JAX_PROCESS_ID"]))
+        else:
+            jax.distributed.initialize()
+        _joined = True
+    use_prng_impl(prng_impl)
+    logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
+
+
+def use_prng_impl(prng_impl: str) -> None:
+    """Makes `prng_impl` ("" = JAX's default, threefry) the implementation of new PRNG keys."""
+    jax.config.update("jax_default_prng_impl", prng_impl or "threefry2x32")

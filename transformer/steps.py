@@ -1,0 +1,110 @@
+"""The pure training and evaluation steps: functions of (params, batch, rng), jitted by the Trainer.
+
+Objectives (`TrainConfig.objective`):
+  * "translation": teacher-forced EncoderDecoder, label-smoothed cross entropy over target tokens;
+  * "lm": causal language modelling with DecoderOnly;
+  * "mlm": BERT-style masked language modelling with EncoderOnly (15% of tokens, 80/10/10).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from transformer import losses, tokens
+from transformer.models import DecoderOnly, EncoderDecoder, EncoderOnly
+
+MODELS = {"translation": EncoderDecoder, "lm": DecoderOnly, "mlm": EncoderOnly}
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates done
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # PRNG key data: folded with the step for each step's dropout / masking
+
+
+def model_inputs(objective: str, batch: dict, mlm_rng=None, *, vocab_size: int = 0, mask_id: int = 0):
+    """(positional args, keyword args, targets [B, T], weights [B, T]) for the model and the loss.
+
+    MLM corrupts the targets here, with `mask_id` for [MASK] and replacements drawn from the other
+    ids below `vocab_size` (the model's, [MASK] included; see `transformer.tokens`).
+    """
+    if objective == "translation":
+        kwargs = {k: batch[k] for k in ("inputs_segment_ids", "targets_segment_ids", "inputs_positions",
+                                        "targets_positions") if k in batch}
+        targets = batch["targets"]
+        return (batch["inputs"], targets), kwargs, targets, (targets > 0).astype(jnp.float32)
+    kwargs = {name: batch[f"targets_{name}"] for name in ("segment_ids", "positions") if f"targets_{name}" in batch}
+    if objective == "lm":
+        targets = batch["targets"]
+        return (targets,), kwargs, targets, (targets > 0).astype(jnp.float32)
+    inputs, targets, weights = losses.mask_tokens_for_mlm(mlm_rng, batch["targets"], vocab_size=vocab_size,
+                                                          mask_id=mask_id, special_ids=tokens.MLM_UNMASKED_IDS)
+    return (inputs,), kwargs, targets, weights
+
+
+def loss_fn(params, batch, rng, *, model, objective, label_smoothing, deterministic, mask_id):
+    """Summed label-smoothed loss over real tokens, and (weight_sum, correct_sum, nll_sum)."""
+    dropout_rng, mlm_rng = jax.random.split(rng)
+    args, kwargs, targets, weights = model_inputs(objective, batch, mlm_rng, vocab_size=model.config.vocab_size,
+                                                  mask_id=mask_id)
+    logits = model.apply({"params": params}, *args, **kwargs, deterministic=deterministic,
+                         rngs=None if deterministic else {"dropout": dropout_rng})
+    loss_sum, weight_sum = losses.cross_entropy_with_label_smoothing(logits, targets, weights, label_smoothing)
+    nll_sum, _ = losses.cross_entropy_with_label_smoothing(logits, targets, weights, 0.0)
+    correct_sum, _ = losses.weighted_accuracy(logits, targets, weights)
+    return loss_sum, dict(weight_sum=weight_sum, correct_sum=correct_sum, nll_sum=nll_sum)
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective, label_smoothing, grad_accum_steps,
+               dropout: bool, mask_id: int):
+    """One optimizer update on `batch`, accumulated over `grad_accum_steps` micro-batches.
+
+    The gradient is that of the loss normalised per real token over the *whole* batch, so k
+    micro-batches give the update of one k-times-larger batch.
+    """
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(
+        functools.partial(loss_fn, model=model, objective=objective, label_smoothing=label_smoothing,
+                          deterministic=not dropout, mask_id=mask_id), has_aux=True)
+
+    if grad_accum_steps == 1:
+        (loss_sum, stats), grads = grad_fn(state.params, batch, rng)
+    else:
+        # Micro-batch i takes rows i, i+k, i+2k, ...: with the batch split contiguously over data
+        # shards, every shard keeps its own rows and no data moves between devices.
+        micro = jax.tree.map(
+            lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:]), 0, 1),
+            batch)
+
+        def accumulate(carry, xs):
+            index, micro_batch = xs
+            (loss_sum, stats), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, (loss_sum, stats, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (jnp.zeros((), jnp.float32), dict(
+            weight_sum=jnp.zeros(()), correct_sum=jnp.zeros(()), nll_sum=jnp.zeros(())), state.params))
+        (loss_sum, stats, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+
+    denominator = jnp.maximum(stats["weight_sum"], 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    step_metrics = dict(loss_sum=loss_sum, **stats, grad_norm=optax.global_norm(grads),
+                        learning_rate=schedule(state.step))
+    return new_state, step_metrics
+
+
+def eval_step(params, batch, *, model, objective, label_smoothing, mask_id, rng):
+    """Summed loss and counts of `batch` with dropout off (MLM masks with the fixed `rng`)."""
+    loss_sum, stats = loss_fn(params, batch, rng, model=model, objective=objective,
+                              label_smoothing=label_smoothing, deterministic=True, mask_id=mask_id)
+    return dict(loss_sum=loss_sum, **stats)
