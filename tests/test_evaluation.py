@@ -11,7 +11,7 @@ import pytest
 
 from experiments.configs import copy as copy_config
 from experiments.configs import multi30k as multi30k_config
-from transformer import checkpointing, evaluation, inference, sharding, training
+from transformer import checkpointing, evaluation, inference, inputs, sharding, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
@@ -60,7 +60,7 @@ def run_command(module, *flags, stdin=None):
 
 
 @pytest.mark.slow
-def test_translate_and_evaluate_end_to_end(tmp_path):
+def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch):
     """Train a tiny Multi30k model briefly, then translate stdin and score the test split."""
     workdir = str(tmp_path / "run")
     config = multi30k_config.get_config("hour")
@@ -91,3 +91,8 @@ def test_translate_and_evaluate_end_to_end(tmp_path):
     with open(os.path.join(workdir, "eval", "test.averaged.txt")) as f:
         assert len(f.read().splitlines()) == 1000
     assert scores["step"] == 60 and 0 <= scores["bleu"] <= 100 and scores["perplexity"] > 1
+
+    # Scoring a split reads that split alone: the training pipeline is never built.
+    monkeypatch.setattr(inputs, "make_inputs", lambda *a, **k: pytest.fail("evaluate_split built the training inputs"))
+    again = inference.evaluate_split(workdir, "test", "averaged", beam_size=2)
+    assert again["bleu"] == pytest.approx(scores["bleu"]) and again["perplexity"] == pytest.approx(scores["perplexity"])
