@@ -3,12 +3,13 @@
     python -m experiments.average --workdir=DIR --num_checkpoints=5
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from transformer import inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
-_NUM = flags.DEFINE_integer("num_checkpoints", 5, "How many of the latest checkpoints to average.")
+_NUM = flags.DEFINE_integer("num_checkpoints", 5, "How many of the latest checkpoints to average.", lower_bound=1)
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -20,4 +21,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -5,22 +5,26 @@
 Writes <workdir>/eval/<split>.<checkpoint>.txt (one translation per line) and .json (the scores).
 """
 
-from absl import app, flags
+from absl import flags
 
+from experiments import cli
 from transformer import inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split of the run's dataset to score.")
 _CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to score.")
-_BEAM = flags.DEFINE_integer("beam_size", None, "Beam size (1 = greedy); default: the run's config.")
-_ALPHA = flags.DEFINE_float("alpha", None, "Length penalty; default: the run's config.")
+_STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
+_BEAM = flags.DEFINE_integer("beam_size", None, "Beam size (1 = greedy); default: the run's config.",
+                             lower_bound=1, upper_bound=64)
+_ALPHA = flags.DEFINE_float("alpha", None, "Length penalty (>= 0); default: the run's config.", lower_bound=0.0)
 flags.mark_flags_as_required(["workdir"])
 
 
 def main(argv):
     del argv
     runtime.initialize()
-    result = inference.evaluate_split(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value, _BEAM.value, _ALPHA.value)
+    result = inference.evaluate_split(_WORKDIR.value, _SPLIT.value, _CHECKPOINT.value, _BEAM.value, _ALPHA.value,
+                                      step=_STEP.value)
     print(f"{result['split']} ({result['checkpoint']} checkpoint, step {result['step']}, "
           f"beam {result['beam_size']}): BLEU {result['bleu']:.2f}  lowercased BLEU {result['bleu_lc']:.2f}  "
           f"perplexity {result['perplexity']:.2f}  ({result['sentences_per_s']:.1f} sentences/s)")
@@ -29,4 +33,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -13,13 +13,13 @@ otherwise the files are downloaded. Prints progress, then a results table; write
 
 import json
 import os
-import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from transformer import inference, runtime, training
 from transformer.run_config import TrainConfig
 
@@ -29,6 +29,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/multi30k_hour", "Where checkpoin
 _RAW_DIR = flags.DEFINE_string("raw_dir", None, "Multi30k raw files (default: ../shared/data/multi30k if present).")
 _NUM_AVERAGE = flags.DEFINE_integer("num_average", None, "Checkpoints to average (default: config.checkpoint.keep).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+_RESTART_DATA = flags.DEFINE_bool("restart_data", False, "Resume even if the checkpoint's input-pipeline position "
+                                  "is missing or damaged, starting the data from its beginning.")
 
 DEFAULT_RAW_DIR = os.path.join("..", "shared", "data", "multi30k")
 
@@ -41,13 +43,10 @@ def main(argv):
     with config.unlocked():
         config.data.manual_dir = os.path.abspath(raw_dir) if raw_dir else None
         config.data.data_dir = config.data.data_dir or os.path.abspath(os.path.join(workdir, "tfds"))
-    try:
-        run = TrainConfig.from_dict(config)
-    except ValueError as e:
-        sys.exit(f"Error: {e}")
+    run = TrainConfig.from_dict(config)
     runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value)
     print(f"Training in {workdir} (data: {raw_dir or 'download'})", flush=True)
-    training.train_and_evaluate(config, workdir)
+    training.train_and_evaluate(config, workdir, restart_data=_RESTART_DATA.value)
     train_minutes = (time.time() - start) / 60
 
     steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or run.checkpoint.keep)
@@ -73,4 +72,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

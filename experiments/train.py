@@ -7,31 +7,29 @@ Multi-process: set JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JA
 (as launch/slurm_multinode.sbatch does), or pass --distributed on TPU pod slices (auto-detect).
 """
 
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from experiments import cli
 from transformer import runtime, training
 from transformer.run_config import TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+_RESTART_DATA = flags.DEFINE_bool("restart_data", False, "Resume even if the checkpoint's input-pipeline position "
+                                  "is missing or damaged, starting the data from its beginning.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv
     config = _CONFIG.value
-    try:
-        run = TrainConfig.from_dict(config)  # a bad field fails here, before any device is touched
-    except ValueError as e:
-        sys.exit(f"Error: {e}")
+    run = TrainConfig.from_dict(config)  # a bad field fails here, before any device is touched
     runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value)
-    training.train_and_evaluate(config, _WORKDIR.value)
+    training.train_and_evaluate(config, _WORKDIR.value, restart_data=_RESTART_DATA.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -79,6 +79,19 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch):
     assert len(lines) == 4 and lines[1] == ""  # one line out per line in; the empty line stays empty
     assert "truncated" in result.stderr
 
+    # Awkward input, streamed in chunks (batch_size=2: 16 lines a chunk): every line gives one line, in order.
+    awkward = [b"A man rides a bike.", b"   ", b"Caf\xe9 \xff\xfe bad bytes", b"a dog " * 5000, b"\t"] * 8
+    result = subprocess.run([sys.executable, "-m", "experiments.translate", f"--workdir={workdir}", "--beam_size=2",
+                             "--batch_size=2"], cwd=REPO, capture_output=True, input=b"\n".join(awkward) + b"\n",
+                            timeout=600)
+    assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr[-3000:]
+    out = result.stdout.decode("utf-8").split("\n")[:-1]
+    assert len(out) == len(awkward) and all(out[i] == "" for i in range(len(out)) if i % 5 in (1, 4))
+    assert len(set(out[0::5])) == 1 and out[0]  # the same sentence, translated the same way wherever it is
+    assert b"Line 3 is not valid UTF-8" in result.stderr
+    result = run_command("experiments.translate", f"--workdir={workdir}", stdin="")
+    assert result.returncode == 0 and result.stdout == ""  # empty input, empty output
+
     assert inference.average_checkpoints(workdir, 2)[0] == [40, 60]
     steps, _ = inference.average_checkpoints(workdir, 3)  # averaging again replaces the averaged checkpoint
     assert steps == [20, 40, 60]

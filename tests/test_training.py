@@ -2,9 +2,11 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -78,6 +80,25 @@ def test_train_and_eval_steps_compile_once(tmp_path, monkeypatch):
     training.train_and_evaluate(config, str(tmp_path))
     evals = [r for r in read_metrics(tmp_path) if "eval/loss" in r]
     assert len(evals) == 4 and traces == {"train_step": 1, "eval_step": 1}, (evals, traces)
+
+
+def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
+    """A healthy run resumed with a diverging learning rate stops at the next log step, keeping its checkpoints."""
+    workdir = str(tmp_path)
+    config = small_config(4)
+    config.checkpoint.every = 2
+    training.train_and_evaluate(config, workdir)
+    config = small_config(40)
+    config.checkpoint.update(every=2, keep=2)
+    config.optimizer.update(schedule="constant", learning_rate=1e30, warmup_steps=None)
+    with pytest.raises(training.TrainingDiverged, match=r"step 6: .* not finite.*newest checkpoint, step 4 .*"
+                                                        r"learning_rate \(now 1e\+30\).*clip_grad_norm"):
+        training.train_and_evaluate(config, workdir)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+    assert ckpt.all_steps() == [2, 4]  # nothing saved after the divergence, so retention deleted nothing
+    ckpt.close()
+    final = training.train_and_evaluate(small_config(6), workdir)  # a sane config resumes from step 4
+    assert np.isfinite(final["loss"])
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
@@ -175,10 +196,8 @@ def test_two_processes_train_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
-    import signal
-    import time
-
+@pytest.mark.parametrize("signum, message", [(signal.SIGTERM, "SIGTERM received"), (signal.SIGINT, "Ctrl-C (SIGINT)")])
+def test_sigterm_and_ctrl_c_save_a_checkpoint_and_the_run_resumes(tmp_path, signum, message):
     workdir = str(tmp_path / "run")
     flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.model.num_layers=1",
              "--config.log_every=5", "--config.eval_every=100000", "--config.checkpoint.every=100000"]
@@ -188,10 +207,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     deadline = time.time() + 300
     while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
         time.sleep(0.5)
-    proc.send_signal(signal.SIGTERM)  # "preemption"
+    proc.send_signal(signum)  # "preemption", or Ctrl-C
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
-    assert "SIGTERM received" in err
+    assert message in err and "Traceback" not in err
     config = copy_config.get_config()
     config.model.num_layers = 1
     _, data_state, stopped_at = final_params(workdir, config)

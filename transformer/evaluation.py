@@ -8,6 +8,7 @@ shapes ever compile), decodes with beam search or greedily, and restores the inp
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import Sequence
 
@@ -35,7 +36,15 @@ class Translator:
     def __init__(self, model, tokenizer, *, beam_size: int = 4, alpha: float = 0.6, batch_size: int = 64,
                  max_input_length: int = 256, max_extra_length: int = 50, sharding=None):
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_input_length = batch_size, max_input_length
+        if batch_size <= 0:
+            raise ValueError(f"batch_size={batch_size} must be positive.")
+        # Rows are split over the devices of the batch axes: round up to a multiple of their number.
+        multiple = _batch_shards(sharding)
+        self.batch_size = -(-batch_size // multiple) * multiple
+        if self.batch_size != batch_size:
+            logging.info("Decoding batches of %d rows (a multiple of the %d batch shards), not %d.", self.batch_size,
+                         multiple, batch_size)
+        self.max_input_length = max_input_length
         self.sharding = sharding
         self._translate = jax.jit(functools.partial(
             decoding.translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, alpha=alpha,
@@ -73,6 +82,14 @@ class Translator:
             for r, i in enumerate(rows):
                 outputs[i] = self.tokenizer.decode(tokens[r].tolist())
         return outputs
+
+
+def _batch_shards(sharding) -> int:
+    """How many ways `sharding` splits a batch's rows (1 without a NamedSharding)."""
+    if not isinstance(sharding, jax.sharding.NamedSharding) or not len(sharding.spec) or sharding.spec[0] is None:
+        return 1
+    axes = sharding.spec[0] if isinstance(sharding.spec[0], tuple) else (sharding.spec[0],)
+    return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
 def evaluate_translations(translator: Translator, params, sources: Sequence[str], references: Sequence[str]) -> dict:

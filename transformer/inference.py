@@ -14,6 +14,7 @@ import ml_collections
 from absl import logging
 
 from transformer import checkpointing, evaluation, inputs, runtime, sharding, training
+from transformer import workdir as workdir_lib
 from transformer.run_config import TrainConfig
 
 
@@ -29,11 +30,12 @@ def load_config(workdir: str) -> TrainConfig:
         return TrainConfig.from_dict(ml_collections.ConfigDict(json.load(f)), strict=False)
 
 
-def load_for_inference(workdir: str, checkpoint: str = "latest"):
+def load_for_inference(workdir: str, checkpoint: str = "latest", step: int | None = None):
     """(config, trainer, params, tokenizer or None, step) from a workdir's "latest" or "averaged" checkpoint.
 
-    `config` is the run's TrainConfig. The PRNG implementation becomes the run's (its checkpoints
-    hold keys of that implementation).
+    `step` picks another saved step than the newest. `config` is the run's TrainConfig. The PRNG
+    implementation becomes the run's (its checkpoints hold keys of that implementation). A damaged
+    checkpoint raises CheckpointError naming its step and the other steps there are.
     """
     run = load_config(workdir)
     runtime.use_prng_impl(run.prng_impl)
@@ -54,7 +56,13 @@ def load_for_inference(workdir: str, checkpoint: str = "latest"):
         if ckpt.latest_step() is None:
             hint = " (run experiments.average first)" if checkpoint == "averaged" else ""
             raise FileNotFoundError(f"No checkpoint in {ckpt.directory}{hint}.")
-        state, _, step = ckpt.restore(trainer.abstract_state)
+        step = ckpt.latest_step() if step is None else step
+        try:
+            state = ckpt.restore_state(trainer.abstract_state, step)
+        except checkpointing.CheckpointError as e:
+            others = [s for s in ckpt.all_steps() if s != step]
+            raise checkpointing.CheckpointError(
+                f"{e}." + (f" Pass --step=N to use another of the saved steps {others}." if others else "")) from e
     finally:
         ckpt.close()
     return run, trainer, state.params, tokenizer, step
@@ -62,6 +70,8 @@ def load_for_inference(workdir: str, checkpoint: str = "latest"):
 
 def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], str]:
     """Averages the last `num_checkpoints` of `workdir` into `workdir/averaged`; returns (steps, directory)."""
+    if num_checkpoints < 1:
+        raise ValueError(f"num_checkpoints={num_checkpoints}: average at least one checkpoint.")
     _, trainer, _, _, _ = load_for_inference(workdir)
     source = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
     steps = source.all_steps()[-num_checkpoints:]
@@ -77,14 +87,16 @@ def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], 
     return steps, target.directory
 
 
-def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_size=None, alpha=None) -> dict:
+def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_size=None, alpha=None,
+                   step: int | None = None) -> dict:
     """sacreBLEU (cased, lowercased) and teacher-forced perplexity of a translation run on `split`.
 
     Writes <workdir>/eval/<split>.<checkpoint>.txt (the translations) and .json (the scores).
     """
-    run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint)
+    run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint, step)
     if run.objective != "translation" or tokenizer is None:
-        raise ValueError("experiments.evaluate scores translation runs on real data.")
+        raise workdir_lib.WorkdirError(f"{workdir} holds a {run.objective!r} run on {run.data.name!r} data: scoring "
+                                       "needs a translation run on real data.")
     split_inputs = inputs.eval_inputs(run, tokenizer, split)  # the split alone, no training pipeline
     translator = evaluation.Translator.from_config(trainer.model, tokenizer, run.decode,
                                                    max_input_length=run.data.max_length,

@@ -66,16 +66,19 @@ class MetricsWriter:
 
     Each `write(step, scalars)` appends `{"step": step, **scalars}` as a line, flushed at once so the
     file is readable while training, and the scalars to a tensorboardX event file in `workdir`.
-    Appends, so a resumed run extends the same file. `enabled=False` (processes other than 0)
-    writes nothing and creates no files.
+    A resumed run extends the same file from `resume_step` on: records past it (written after the
+    checkpoint it resumes from) are dropped first, so steps stay increasing. `enabled=False`
+    (processes other than 0) writes nothing and creates no files.
     """
 
-    def __init__(self, workdir: str, *, enabled: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self._jsonl = self._tensorboard = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _drop_records_after(path, resume_step)
+            self._jsonl = open(path, "a")
             # NOTE: tensorboardX names event files by the second and the host and opens them with
             # 'wb': without a unique suffix a writer reopened within the same second (a quick
             # resume) would truncate the previous file.
@@ -96,6 +99,27 @@ class MetricsWriter:
             self._jsonl.close()
             self._tensorboard.close()
             self._jsonl = self._tensorboard = None
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrites the metrics file `path` without its records of steps after `step` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _record_step(line) is not None and _record_step(line) <= step]
+    if len(kept) == len(lines):
+        return
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
+def _record_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut short by a crash
 
 
 def format_eta(seconds: float | None) -> str:

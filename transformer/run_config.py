@@ -35,6 +35,10 @@ PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
 
 
+class ConfigError(ValueError):
+    """A config field that is unknown, ill-typed, out of range, missing, or set where it has no effect."""
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     name: str  # "synthetic" or a dataset `transformer.data` loads (e.g. "multi30k", "wmt14_translate/de-en")
@@ -151,7 +155,7 @@ class _Reader:
 
     def fail(self, path: str, message: str, *value):
         """Raises "config.<path>=<value> <message>" (or "config.<path> <message>" with no value)."""
-        raise ValueError(f"config.{path}={value[0]!r} {message}" if value else f"config.{path} {message}")
+        raise ConfigError(f"config.{path}={value[0]!r} {message}" if value else f"config.{path} {message}")
 
     def section(self, config: Mapping, path: str) -> dict:
         value = config.get(path.rsplit(".", 1)[-1]) if path else config
@@ -319,7 +323,7 @@ class _Reader:
         try:
             model = ModelConfig.preset(preset, vocab_size=vocab_size, **overrides)
         except (ValueError, TypeError) as e:
-            raise ValueError(f"config.model: {e}") from e
+            raise ConfigError(f"config.model: {e}") from e
         unused = dict(num_encoder_layers="to objectives with an encoder (translation, mlm)",
                       num_decoder_layers="to objectives with a decoder (translation, lm)")
         for side in ("encoder", "decoder"):

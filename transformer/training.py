@@ -24,13 +24,14 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer import checkpointing, evaluation, inputs as inputs_lib, metrics, optimizers, runtime, sharding, tokens
+from transformer import (checkpointing, evaluation, inputs as inputs_lib, metrics, optimizers, runtime, sharding, tokens,
+                         workdir as workdir_lib)
 from transformer.config import ModelConfig
 from transformer.data import pipeline as data_pipeline
 from transformer.run_config import TrainConfig, as_train_config
 from transformer.steps import MODELS, TrainState, eval_step, train_step
 
-__all__ = ["Trainer", "TrainState", "evaluate", "model_config", "train_and_evaluate"]
+__all__ = ["Trainer", "TrainState", "TrainingDiverged", "evaluate", "model_config", "train_and_evaluate"]
 
 
 def model_config(config, text_vocab_size: int | None = None) -> ModelConfig:
@@ -111,21 +112,34 @@ class Trainer:
 # The loop.
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss, gradient norm or parameters became non-finite; nothing non-finite was saved."""
+
+
 class _StopSignal:
-    """Stops the loop on SIGTERM (preemption) or past a wall-clock budget; all processes agree."""
+    """Stops the loop on SIGTERM (preemption), Ctrl-C or past a wall-clock budget; all processes agree.
+
+    A first Ctrl-C (SIGINT) asks for a checkpoint and a stop, as SIGTERM does; a second one exits at once.
+    """
 
     def __init__(self, max_seconds: float = 0.0, poll_every: int = 1):
         self.requested = False
         self._poll_every = poll_every  # multi-process: agree only every N steps (it costs a host sync)
         self._deadline = time.monotonic() + max_seconds if max_seconds else None
-        self._previous = None
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread: preemption is then not handled here
-            pass
+        self._previous = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: signals are then not handled here
+                pass
 
     def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
+        if signum == signal.SIGINT and self.requested:
+            self.restore()
+            raise KeyboardInterrupt("second Ctrl-C: exiting without a checkpoint")
+        name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        logging.warning("%s received: saving a checkpoint and stopping%s.", name,
+                        " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
         self.requested = True
 
     def should_stop(self, step: int) -> bool:
@@ -139,8 +153,9 @@ class _StopSignal:
         return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
 
 def _summarise(sums: dict) -> dict:
@@ -159,16 +174,24 @@ def evaluate(trainer: Trainer, params, batches) -> dict:
     return _summarise(jax.device_get(totals))
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
-    """Trains `config` (a ConfigDict) in `workdir`, resuming from its latest checkpoint; returns the final metrics."""
+def train_and_evaluate(config, workdir: str, *, restart_data: bool = False) -> dict:
+    """Trains `config` (a ConfigDict) in `workdir`, resuming from its newest intact checkpoint; returns the final metrics.
+
+    Refuses a workdir that another trainer holds, or whose checkpoints hold another model, before
+    writing anything into it. A checkpoint without a readable input-pipeline position is an error
+    unless `restart_data`, which starts the data from the beginning. Raises TrainingDiverged when the
+    loss or parameters become non-finite (nothing non-finite is saved).
+    """
     run = as_train_config(config)
     runtime.use_prng_impl(run.prng_impl)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    if is_main and not isinstance(config, TrainConfig):
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    with workdir_lib.lock(workdir, enabled=is_main):
+        return _train(config, run, workdir, restart_data=restart_data)
 
+
+def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dict:
+    is_main = jax.process_index() == 0
     inputs = inputs_lib.make_inputs(run, workdir)
     model_cfg = run.model_config(inputs.vocab_size)
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
@@ -178,17 +201,30 @@ def train_and_evaluate(config, workdir: str) -> dict:
     logging.info("Model %s; mesh %s; %s parameters.", model_cfg, dict(mesh.shape),
                  f"{sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params)):,}")
 
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=run.checkpoint.keep,
+    checkpoint_dir = os.path.join(workdir, "checkpoints")
+    workdir_lib.check_state_signature(checkpoint_dir, trainer.abstract_state)
+    ckpt = checkpointing.Checkpointer(checkpoint_dir, keep=run.checkpoint.keep,
                                       best_metric=run.checkpoint.best_metric, best_mode=run.checkpoint.best_mode)
-    if ckpt.latest_step() is not None:
-        state, data_state, step = ckpt.restore(trainer.abstract_state)
-        if data_state is not None:
-            train_iter.set_state(data_state)
-        logging.info("Resumed from step %d.", step)
-    else:
-        state = trainer.init_state(run.seed)
+    try:
+        if ckpt.latest_step() is not None:
+            state, data_state, step = _restore(ckpt, trainer, restart_data)
+            if data_state is not None:
+                train_iter.set_state(data_state)
+            logging.info("Resumed from step %d.", step)
+        else:
+            state = trainer.init_state(run.seed)
+    except BaseException:
+        ckpt.close()
+        raise
+    # The run can continue what the workdir holds: only now is anything in it written.
+    if is_main:
+        workdir_lib.write_state_signature(checkpoint_dir, trainer.abstract_state)
+        if not isinstance(config, TrainConfig):
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
 
-    writer = metrics.MetricsWriter(workdir, enabled=is_main)
+    step = int(state.step)
+    writer = metrics.MetricsWriter(workdir, enabled=is_main, resume_step=step)
     flops_per_token = _flops_per_token(model_cfg, run)
     peak = run.peak_flops_per_device or _device_peak_flops()
     total_steps = run.num_train_steps
@@ -199,7 +235,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                                        max_input_length=run.data.max_length,
                                                        sharding=trainer.batch_sharding)
     stop_signal = _StopSignal(60.0 * run.max_train_minutes, poll_every=run.log_every)
-    step = int(state.step)
     last = dict()
     window_sums, window_start, window_steps = None, time.perf_counter(), 0
     try:
@@ -214,6 +249,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
             # --- log
             if step % run.log_every == 0 or step == total_steps or stop:
                 sums = jax.device_get(window_sums)  # the only host sync in the loop
+                if not np.isfinite(sums["loss_sum"]) or not np.isfinite(sums["grad_norm"]):
+                    raise TrainingDiverged(_diverged(step, "the training loss or gradient norm", ckpt, run))
                 elapsed = time.perf_counter() - window_start
                 tokens_per_s = float(sums["weight_sum"]) / elapsed
                 last = dict(_summarise(sums), learning_rate=float(step_metrics["learning_rate"]),
@@ -235,6 +272,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                 logging.info("step %d eval %s", step, eval_metrics)
             # --- checkpoint
             if step % run.checkpoint.every == 0 or step == total_steps or stop:
+                if not checkpointing.all_finite(state.params):
+                    raise TrainingDiverged(_diverged(step, "a parameter", ckpt, run))
                 ckpt.save(step, state, train_iter.get_state(),
                           metrics=None if eval_metrics is None else {f"eval_{k}": v for k, v in eval_metrics.items()})
             if stop:
@@ -245,6 +284,32 @@ def train_and_evaluate(config, workdir: str) -> dict:
         stop_signal.restore()
         progress.close()
     return last
+
+
+def _restore(ckpt: checkpointing.Checkpointer, trainer: Trainer, restart_data: bool):
+    """(state, data state or None, step) of the newest intact checkpoint; the data state is required."""
+    state, step = ckpt.restore_intact(trainer.abstract_state)
+    try:
+        data_state = ckpt.read_data_state(step)
+        problem = None if data_state is not None else f"{ckpt.data_state_path(step)} is missing"
+    except checkpointing.CheckpointError as e:
+        data_state, problem = None, str(e).rstrip(".")
+    if problem is not None:
+        if not restart_data:
+            raise checkpointing.CheckpointError(
+                f"{problem}: the input pipeline's position at step {step} is unknown. Pass --restart_data to "
+                "start the data from its beginning (batches already trained on come again).")
+        logging.warning("%s: restarting the data from its beginning (--restart_data).", problem)
+    return state, data_state, step
+
+
+def _diverged(step: int, what: str, ckpt: checkpointing.Checkpointer, run: TrainConfig) -> str:
+    latest = ckpt.latest_step()
+    saved = (f"the newest checkpoint, step {latest} in {ckpt.directory}, is finite and a restart resumes from it"
+             if latest is not None else "no checkpoint was saved yet")
+    return (f"Training diverged at step {step}: {what} is not finite. Stopped without saving; {saved}. Levers: a "
+            f"lower optimizer.learning_rate (now {run.optimizer.learning_rate}), a longer optimizer.warmup_steps, "
+            "gradient clipping (optimizer.clip_grad_norm, e.g. 1.0).")
 
 
 def _bleu(trainer: Trainer, translator, params, inputs: inputs_lib.Inputs, num_sentences: int) -> dict:

@@ -11,9 +11,10 @@ full-length rows, after a warm-up step, over `--steps` steps. FLOPs are the matm
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 
 from experiments.configs import defaults
+from experiments import cli
 from transformer import metrics, sharding, training
 from transformer.data import synthetic
 
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)
