@@ -55,10 +55,6 @@ def test_flops_per_token_rejects_bad_heads():
         metrics.flops_per_token(**dict(TINY, num_heads=3), num_encoder_layers=1, num_decoder_layers=1)
 
 
-def test_mfu():
-    assert metrics.mfu(4.0e14, 1.0e15) == pytest.approx(0.4)
-
-
 def read_event_scalars(path):
     """{(tag, step): value} from a TensorBoard event file (TFRecord framing: u64 length, crc, data, crc)."""
     scalars = {}
@@ -82,7 +78,7 @@ def test_metrics_writer_writes_json_lines_and_events(tmp_path):
         assert json.loads(f.readline()) == {"step": 10, "train/loss": 2.5, "train/accuracy": 0.25}
     writer.write(20, {"eval/loss": 1.75})
     writer.close()
-    writer = metrics.MetricsWriter(str(tmp_path))  # a resumed run appends
+    writer = metrics.MetricsWriter(str(tmp_path), resume_step=20)  # a run resumed at step 20 appends
     writer.write(30, {"train/loss": 1.5})
     writer.close()
     with open(tmp_path / "metrics.jsonl") as f:
@@ -96,6 +92,12 @@ def test_metrics_writer_writes_json_lines_and_events(tmp_path):
         scalars.update(read_event_scalars(path))
     assert scalars == {("train/loss", 10): 2.5, ("train/accuracy", 10): 0.25, ("eval/loss", 20): 1.75,
                        ("train/loss", 30): 1.5}
+
+
+def test_a_resumed_writer_drops_records_past_its_step(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a": 3}\n{"st')
+    metrics.MetricsWriter(str(tmp_path), resume_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
 
 
 def test_metrics_writer_disabled_writes_nothing(tmp_path):

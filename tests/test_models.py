@@ -237,7 +237,7 @@ def test_parameters_carry_logical_axis_names():
         is_leaf=lambda n: isinstance(n, tuple))
     assert len(names) == len(jax.tree.leaves(boxed))  # every parameter is annotated
     assert ("vocab", "embed") in names
-    assert ("layers", "embed", "heads", "kv") in names
+    assert ("layers", "embed", "heads", "head_dim") in names
     assert ("layers", "embed", "mlp") in names
 
 

@@ -23,10 +23,10 @@ def test_make_mesh_fills_minus_one():
 
 def test_logical_to_mesh_spec():
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
-    assert sharding.logical_to_mesh_spec(("embed", "heads", "kv"), (64, 8, 8), mesh) == P("fsdp", "tensor", None)
+    assert sharding.logical_to_mesh_spec(("embed", "heads", "head_dim"), (64, 8, 8), mesh) == P("fsdp", "tensor", None)
     assert sharding.logical_to_mesh_spec(("vocab", "embed"), (64, 32), mesh) == P("tensor", "fsdp")
     # 3 heads do not split over tensor=2: replicated rather than an error.
-    assert sharding.logical_to_mesh_spec(("embed", "heads", "kv"), (64, 3, 8), mesh) == P("fsdp", None, None)
+    assert sharding.logical_to_mesh_spec(("embed", "heads", "head_dim"), (64, 3, 8), mesh) == P("fsdp", None, None)
     assert sharding.logical_to_mesh_spec(None, (5,), mesh) == P()
 
 

@@ -2,7 +2,8 @@
 
 Axis legend, used in every shape and einsum string of this package:
   B batch, T query length, S key length, D model dim, N query heads, K key/value heads,
-  G query heads per key/value head (N = K * G), H head dim, F feed-forward dim, V vocab.
+  G query heads per key/value head (N = K * G), H head dim, F feed-forward dim, V vocab,
+  W beam width (beam search).
 
 `dot_product_attention` is a pure function with three interchangeable kernels:
   * "reference": plain einsums, softmax in float32. The readable definition.
@@ -22,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from transformer import positional
+from transformer.config import ATTENTION_KINDS
 
-IMPLEMENTATIONS = ("reference", "fused", "chunked")
+IMPLEMENTATIONS = ATTENTION_KINDS  # the kernels of dot_product_attention, one per ModelConfig.attention
 # A large finite negative rather than -inf, so fully masked rows stay NaN-free.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -208,11 +210,11 @@ class MultiHeadAttention(nn.Module):
         """
         num_kv_heads = self.num_kv_heads or self.num_heads
         d_model = inputs_q.shape[-1]
-        param = functools.partial(_projection, self, dtype=self.dtype)
-        w_q = param("query", (d_model, self.num_heads, self.head_dim), ("embed", "heads", "kv"), 0, (1, 2))
-        w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), 0, (1, 2))
-        w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "kv"), 0, (1, 2))
-        w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "kv", "embed"), (0, 1), 2)
+        param = functools.partial(dense_kernel, self, dtype=self.dtype)
+        w_q = param("query", (d_model, self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), 0, (1, 2))
+        w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
+        w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
+        w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"), (0, 1), 2)
 
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
         query = jnp.einsum("BTD,DNH->BTNH", inputs_q, w_q)
@@ -221,9 +223,9 @@ class MultiHeadAttention(nn.Module):
         if self.use_rope:
             query = positional.apply_rope(query, query_positions)
             key = positional.apply_rope(key, key_positions)
-        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "kv"))
-        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "kv"))
-        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "kv"))
+        query = nn.with_logical_constraint(query, ("batch", "length", "heads", "head_dim"))
+        key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
+        value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
 
         if decode:
             key, value = self._update_cache(key, value, decode_index)
@@ -254,8 +256,9 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value
 
 
-def _projection(module, name, shape, axes, in_axis, out_axis, *, dtype):
-    """A float32 projection kernel, Glorot-uniform initialised, annotated with logical axes."""
+def dense_kernel(module, name, shape, axes, in_axis=-2, out_axis=-1, *, dtype):
+    """The one way this package makes a weight matrix: a float32 parameter `name` of `shape`,
+    Glorot-uniform over (`in_axis`, `out_axis`), annotated with logical `axes`, cast to `dtype`."""
     init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
     kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
     return kernel.astype(dtype)

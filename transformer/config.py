@@ -83,10 +83,6 @@ class ModelConfig:
         return self.d_model // self.num_heads
 
     @property
-    def kv_heads(self) -> int:
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
     def compute_dtype(self) -> Any:
         return DTYPES[self.dtype]
 

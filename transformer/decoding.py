@@ -137,55 +137,55 @@ def length_penalty(length, alpha: float):
 
 def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: int, eos_id: int,
                 alpha: float = 0.6):
-    """Beam search over a cache already expanded to [B * beam, ...] rows (beam-major within a batch row).
+    """Beam search over a cache already expanded to [B * W, ...] rows (W = beam width; beam-major within a row).
 
     Returns:
-      (tokens [B, beam, max_length], scores [B, beam]) sorted best first; tokens end with EOS
+      (tokens [B, W, max_length], scores [B, W]) sorted best first; tokens end with EOS
       (unless cut at max_length) and are 0 after it.
     """
-    b, k = batch_size, beam_size
+    b, w = batch_size, beam_size
 
-    def flat(x):  # [B, K, ...] -> [B * K, ...]
-        return x.reshape(b * k, *x.shape[2:])
+    def flat(x):  # [B, W, ...] -> [B * W, ...]
+        return x.reshape(b * w, *x.shape[2:])
 
     state = dict(
         step=jnp.array(0),
-        live_tokens=jnp.zeros((b, k, max_length), jnp.int32),
+        live_tokens=jnp.zeros((b, w, max_length), jnp.int32),
         # Only the first beam is live at the start, so the first expansion has no duplicates.
-        live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (b, 1)),
-        finished_tokens=jnp.zeros((b, k, max_length), jnp.int32),
-        finished_scores=jnp.full((b, k), NEG_INF),
+        live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1)), (b, 1)),
+        finished_tokens=jnp.zeros((b, w, max_length), jnp.int32),
+        finished_scores=jnp.full((b, w), NEG_INF),
         cache=cache,
     )
 
     def body(state):
         step = state["step"]
-        previous = jnp.where(step == 0, 0, state["live_tokens"][:, :, jnp.maximum(step - 1, 0)])  # [B, K]
+        previous = jnp.where(step == 0, 0, state["live_tokens"][:, :, jnp.maximum(step - 1, 0)])  # [B, W]
         logits, cache = logits_fn(flat(previous)[:, None], state["cache"])
-        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, k, -1)  # [B, K, V]
+        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, w, -1)  # [B, W, V]
         vocab = logprobs.shape[-1]
-        candidates = (state["live_logprobs"][..., None] + logprobs).reshape(b, k * vocab)
-        # 2K candidates: even if K of them end in EOS, K live ones remain.
-        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * k)  # [B, 2K]
+        candidates = (state["live_logprobs"][..., None] + logprobs).reshape(b, w * vocab)
+        # 2W candidates: even if W of them end in EOS, W live ones remain.
+        top_logprobs, top_index = jax.lax.top_k(candidates, 2 * w)  # [B, 2W]
         top_beam, top_token = top_index // vocab, top_index % vocab
-        top_tokens = jnp.take_along_axis(state["live_tokens"], top_beam[..., None], axis=1)  # [B, 2K, L]
+        top_tokens = jnp.take_along_axis(state["live_tokens"], top_beam[..., None], axis=1)  # [B, 2W, L]
         top_tokens = top_tokens.at[:, :, step].set(top_token)
         is_eos = top_token == eos_id
 
-        # Live set: the best K candidates not ending in EOS.
-        live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), k)
+        # Live set: the best W candidates not ending in EOS.
+        live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), w)
         live_tokens = jnp.take_along_axis(top_tokens, live_pick[..., None], axis=1)
-        source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, K]
-        rows = (jnp.arange(b)[:, None] * k + source_beam).reshape(-1)
+        source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, W]
+        rows = (jnp.arange(b)[:, None] * w + source_beam).reshape(-1)
         cache = gather_cache(cache, rows)
 
         # Finished set: merge the old finished with candidates that just ended (or hit max length).
         at_end = step == max_length - 1
         ends = is_eos | at_end
         new_scores = jnp.where(ends, top_logprobs / length_penalty(step + 1, alpha), NEG_INF)
-        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [B, 3K]
+        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [B, 3W]
         tokens = jnp.concatenate([state["finished_tokens"], top_tokens], axis=1)
-        finished_scores, finished_pick = jax.lax.top_k(scores, k)
+        finished_scores, finished_pick = jax.lax.top_k(scores, w)
         finished_tokens = jnp.take_along_axis(tokens, finished_pick[..., None], axis=1)
         return dict(step=step + 1, live_tokens=live_tokens, live_logprobs=live_logprobs,
                     finished_tokens=finished_tokens, finished_scores=finished_scores, cache=cache)
@@ -203,7 +203,7 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
 
 
 def expand_beams(x, beam_size: int):
-    """[B, ...] -> [B * beam, ...], each row repeated beam_size times (beam-major within a row)."""
+    """[B, ...] -> [B * W, ...], each row repeated W = beam_size times (beam-major within a row)."""
     return jnp.repeat(x, beam_size, axis=0)
 
 

@@ -10,12 +10,12 @@ wrap them (`static_argnums` counts from the end).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer.attention import MultiHeadAttention
+from transformer.attention import MultiHeadAttention, dense_kernel
 from transformer.config import ModelConfig
 
 _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
@@ -37,24 +37,37 @@ class FeedForward(nn.Module):
         d_model = x.shape[-1]
         x = x.astype(self.dtype)
         use_bias = self.activation != "swiglu"
-        hidden = _dense(self, "wi", x, self.d_ff, ("embed", "mlp"), use_bias)  # [B, T, F]
+        hidden = dense(self, "wi", x, self.d_ff, ("embed", "mlp"), use_bias)  # [B, T, F]
         if self.activation == "swiglu":
-            hidden = nn.silu(_dense(self, "wi_gate", x, self.d_ff, ("embed", "mlp"), False)) * hidden
+            hidden = nn.silu(dense(self, "wi_gate", x, self.d_ff, ("embed", "mlp"), False)) * hidden
         else:
             hidden = _ACTIVATIONS[self.activation](hidden)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return _dense(self, "wo", hidden, d_model, ("mlp", "embed"), use_bias)
+        return dense(self, "wo", hidden, d_model, ("mlp", "embed"), use_bias)
 
 
-def _dense(module, name, x, features, axes, use_bias):
-    """x [..., in] @ W [in, out] (+ b): float32 parameters, computed in x's dtype."""
-    kernel = module.param(
-        name, nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes), (x.shape[-1], features))
-    y = jnp.einsum("...i,io->...o", x, kernel.astype(x.dtype))
+def dense(module, name, x, features, axes, use_bias, *, bias_name=None):
+    """x [..., in] @ W [in, out] (+ b): float32 parameters of `module`, computed in x's dtype."""
+    kernel = dense_kernel(module, name, (x.shape[-1], features), axes, dtype=x.dtype)
+    y = jnp.einsum("...i,io->...o", x, kernel)
     if use_bias:
-        bias = module.param(f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), (features,))
+        bias = module.param(bias_name or f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
+                            (features,))
         y = y + bias.astype(x.dtype)
     return y
+
+
+class Dense(nn.Module):
+    """A dense layer as a submodule, with flax's parameter names ("kernel", "bias")."""
+
+    features: int
+    axes: tuple
+    dtype: Any = jnp.float32
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        return dense(self, "kernel", x.astype(self.dtype), self.features, self.axes, self.use_bias, bias_name="bias")
 
 
 def make_norm(kind: str, dtype, name: str) -> nn.Module:

@@ -56,11 +56,6 @@ def flops_per_token(*, d_model: int, d_ff: int, num_heads: int, num_encoder_laye
     return float(3 * 2 * forward_macs)
 
 
-def mfu(flops_per_second: float, peak_flops_per_second: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the hardware's peak (both for the same devices)."""
-    return flops_per_second / peak_flops_per_second
-
-
 class MetricsWriter:
     """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object per write) and TensorBoard.
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from transformer import masking, positional
 from transformer.config import ModelConfig
-from transformer.layers import DecoderLayer, EncoderLayer, make_norm
+from transformer.layers import DecoderLayer, Dense, EncoderLayer, make_norm
 
 
 def shift_right(targets, segment_ids=None):
@@ -213,19 +213,13 @@ class _Model(nn.Module):
         cfg = self.config
         if cfg.tie_output:
             return None
-        return _dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, use_bias=False, name="logits")
+        return Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, use_bias=False, name="logits")
 
     def _logits(self, embed: Embed, y):
         """[B, T, D] -> logits [B, T, V] float32."""
         logits = embed.attend(y) if self.output_projection is None else self.output_projection(y)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
-
-
-def _dense(features, axes, dtype, *, use_bias=True, name=None):
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.xavier_uniform(), axes),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 class EncoderDecoder(_Model):
@@ -310,8 +304,8 @@ class EncoderOnly(_Model):
         if self.num_classes is None:
             self.output_projection = self._output_projection()
         else:
-            self.pooler = _dense(cfg.d_model, ("embed", "mlp"), cfg.compute_dtype, name="pooler")
-            self.classifier = _dense(self.num_classes, ("mlp", None), cfg.compute_dtype, name="classifier")
+            self.pooler = Dense(cfg.d_model, ("embed", "mlp"), cfg.compute_dtype, name="pooler")
+            self.classifier = Dense(self.num_classes, ("mlp", None), cfg.compute_dtype, name="classifier")
 
     def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
         """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head."""

@@ -26,11 +26,11 @@ from absl import logging
 
 from transformer import schedules, tokens
 from transformer.config import ModelConfig
+from transformer.data import synthetic
 
 OBJECTIVES = ("translation", "lm", "mlm")  # EncoderDecoder, DecoderOnly, EncoderOnly
 BATCHINGS = ("pad", "bucket", "pack")
 TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
-SYNTHETIC_TASKS = ("copy", "reverse", "sort")
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
 
@@ -46,7 +46,7 @@ class DataConfig:
     max_length: int  # tokens per row
     eval_batch_size: int  # global rows per evaluation batch
     batch_size: int | None = None  # global rows per training step: synthetic data, "pad" and "pack"
-    task: str | None = None  # synthetic translation: one of SYNTHETIC_TASKS
+    task: str | None = None  # synthetic translation: one of transformer.data.synthetic.TASKS
     eval_batches: int | None = None  # synthetic: batches per evaluation
     batching: str | None = None  # real data: one of BATCHINGS
     tokens_per_batch: int | None = None  # "bucket": global tokens per batch (per side)
@@ -248,7 +248,7 @@ class _Reader:
             out["batch_size"] = self.take(f, p("batch_size"), int)
             out["eval_batches"] = self.take(f, p("eval_batches"), int)
             if objective == "translation":
-                out["task"] = self.take(f, p("task"), str, choices=SYNTHETIC_TASKS)
+                out["task"] = self.take(f, p("task"), str, choices=synthetic.TASKS)
             else:
                 self.inapplicable(f, p("task"), "to synthetic translation")
             for leaf in real + ("tokens_per_batch", "source_lang", "target_lang"):

@@ -30,7 +30,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("length", None),
-    ("kv", None),
+    ("head_dim", None),
     ("layers", None),
 )
 

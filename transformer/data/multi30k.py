@@ -23,7 +23,6 @@ import tensorflow_datasets as tfds
 LANGUAGES = ("en", "de")
 # TFDS split name -> raw file stem.
 RAW_SPLITS = {"train": "train", "validation": "val", "test": "test_2016_flickr"}
-SPLIT_SIZES = {"train": 29_000, "validation": 1_014, "test": 1_000}
 URL = "https://github.com/multi30k/dataset/raw/master/data/task1/raw/{stem}.{lang}.gz"
 
 _FIX = ("Put the Multi30k task-1 raw files ({files}) there, or pass the directory that holds them "

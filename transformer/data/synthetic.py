@@ -19,8 +19,9 @@ from typing import Any
 
 import numpy as np
 
-PAD_ID, EOS_ID = 0, 1  # the tokenizer's ids, repeated here to keep this module free of sentencepiece
-FIRST_TOKEN = 2
+from transformer.tokens import EOS_ID, PAD_ID
+
+FIRST_TOKEN = EOS_ID + 1  # synthetic text has no unknown pieces: content ids start right after EOS
 TASKS = ("copy", "reverse", "sort")
 
 

@@ -24,9 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
+from transformer.tokens import EOS_ID, PAD_ID, UNK_ID
 
 
 class Tokenizer:
