@@ -1,5 +1,7 @@
 """Every attention kernel against a NumPy reference; the module's cache and grouped heads."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,13 +77,33 @@ def test_gradients_match_reference(implementation):
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
 
 
-def test_dropout_keeps_expectation_and_zeroes_weights():
-    q, k, v, mask, bias = make_inputs(seed=3)
-    clean = attention.dot_product_attention(q, k, v, mask, bias)
-    dropped = attention.dot_product_attention(q, k, v, mask, bias, dropout_rate=0.5, dropout_rng=jax.random.key(0))
-    assert not np.allclose(clean, dropped)
-    again = attention.dot_product_attention(q, k, v, mask, bias, dropout_rate=0.5, dropout_rng=jax.random.key(0))
-    np.testing.assert_array_equal(dropped, again)
+@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+def test_dropout_keeps_expectation_and_zeroes_weights(implementation):
+    """With one-hot values the output *is* the attention weights: dropout zeroes a `rate` fraction
+    of them and scales the rest by 1 / (1 - rate), so their mean over many draws is the clean weights."""
+    q, k, _, mask, bias = make_inputs(seed=3)
+    batch, kv_len, num_kv_heads = k.shape[:3]
+    v = np.broadcast_to(np.eye(kv_len, dtype=np.float32)[None, :, None, :], (batch, kv_len, num_kv_heads, kv_len))
+    q = q[..., :kv_len] if q.shape[-1] >= kv_len else np.pad(q, ((0, 0),) * 3 + ((0, kv_len - q.shape[-1]),))
+    k = k[..., :kv_len] if k.shape[-1] >= kv_len else np.pad(k, ((0, 0),) * 3 + ((0, kv_len - k.shape[-1]),))
+    rate, draws = 0.5, 400
+    run = functools.partial(attention.dot_product_attention, q, k, v, mask, bias, implementation=implementation,
+                            chunk_size=4)
+    clean = np.asarray(run())  # [B, T, N, S]: the weights
+    dropped = np.asarray(jax.vmap(lambda key: run(dropout_rate=rate, dropout_rng=key))(
+        jax.random.split(jax.random.key(0), draws)))  # [draws, B, T, N, S]
+    visible = clean > 1e-6
+    assert visible.sum() > 100
+    zeroed = (dropped == 0.0)[:, visible].mean()
+    assert abs(zeroed - rate) < 0.01, zeroed  # ~80k Bernoulli draws: the standard error is ~0.002
+    kept = dropped[:, visible][dropped[:, visible] != 0]
+    np.testing.assert_allclose(kept / np.broadcast_to(clean[visible], dropped[:, visible].shape)[dropped[:, visible] != 0],
+                               1 / (1 - rate), rtol=1e-4)  # the survivors are scaled exactly
+    mean = dropped.mean(axis=0)
+    np.testing.assert_allclose(mean[visible], clean[visible], rtol=0.3, atol=0.02)  # each: ~5% standard error
+    assert abs(mean[visible].sum() / clean[visible].sum() - 1) < 0.025  # in total: ~0.5% standard error
+    np.testing.assert_array_equal(dropped[0], np.asarray(run(dropout_rate=rate, dropout_rng=jax.random.split(
+        jax.random.key(0), draws)[0])))  # the same key, the same mask
 
 
 def test_bad_shapes_raise():

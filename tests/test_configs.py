@@ -5,15 +5,12 @@ layer and a small vocabulary; everything else is the config's own.
 """
 
 import importlib
-import os
 
 import pytest
 
 from transformer import optimizers, training
 from transformer.run_config import TrainConfig
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
 
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
            ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
@@ -75,7 +72,7 @@ def test_multi30k_full_recipe_is_two_cosine_cycles():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, arg", CONFIGS)
-def test_config_trains_two_steps(tmp_path, name, arg):
+def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
     config = load(name, arg)
     config.model.num_layers = 1
     config.num_train_steps = 2
@@ -89,7 +86,7 @@ def test_config_trains_two_steps(tmp_path, name, arg):
     config.max_train_minutes = 0.0
     if config.data.name != "synthetic":
         config.data.name = "multi30k"  # the stand-in
-        config.data.manual_dir = MULTI30K
+        config.data.manual_dir = multi30k_dir
         config.data.data_dir = str(tmp_path / "tfds")
         config.data.vocab_size = 500
         if config.data.batching == "bucket":

@@ -9,30 +9,23 @@ import tensorflow_datasets as tfds
 from transformer import data
 from transformer.data import multi30k
 
-from test_data_tokenizer import multi30k_dir
-
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
+def data_dir(tmp_path_factory, multi30k_dir):
     """A TFDS data_dir with Multi30k prepared from the local raw files (no download)."""
     path = str(tmp_path_factory.mktemp("tfds"))
-    data.load_translation_split("multi30k", "train", data_dir=path, manual_dir=multi30k_dir())
+    data.load_translation_split("multi30k", "train", data_dir=path, manual_dir=multi30k_dir)
     return path
-
-
-def raw_lines(stem: str, lang: str) -> list[str]:
-    with gzip.open(os.path.join(multi30k_dir(), f"{stem}.{lang}.gz"), "rt", encoding="utf-8") as f:
-        return f.read().splitlines()
 
 
 @pytest.mark.parametrize("split, stem, size", [("train", "train", 29_000), ("validation", "val", 1_014),
                                                ("test", "test_2016_flickr", 1_000)])
-def test_splits_have_paper_sizes_and_text_round_trips(data_dir, split, stem, size):
+def test_splits_have_paper_sizes_and_text_round_trips(data_dir, read_lines, split, stem, size):
     ds = data.load_translation_split("multi30k", split, data_dir=data_dir)
     assert len(ds) == size
     # In file order (line i of the test set is reference i), exactly the raw text.
     assert [ds[i] for i in range(len(ds))] == [
-        {"source": en, "target": de} for en, de in zip(raw_lines(stem, "en"), raw_lines(stem, "de"))]
+        {"source": en, "target": de} for en, de in zip(read_lines(f"{stem}.en.gz"), read_lines(f"{stem}.de.gz"))]
 
 
 def test_either_direction(data_dir):

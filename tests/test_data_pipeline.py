@@ -11,13 +11,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transformer import data
 
-from test_data_tokenizer import read_lines
-
 MAX_LENGTH = 32
 
 
 @pytest.fixture(scope="module")
-def examples():
+def examples(read_lines):
     pairs = zip(read_lines("train.en.gz", 1500), read_lines("train.de.gz", 1500))
     return [{"source": en, "target": de} for en, de in pairs]
 

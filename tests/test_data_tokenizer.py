@@ -1,6 +1,5 @@
 """SentencePiece vocabulary: round trip, reserved ids, reuse without retraining, clear errors."""
 
-import gzip
 import os
 import unicodedata
 
@@ -9,22 +8,8 @@ import pytest
 from transformer import data
 
 
-def multi30k_dir() -> str:
-    """`<repo root>/../shared/data/multi30k` or $MULTI30K_DIR; missing data fails the test, loudly."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.environ.get("MULTI30K_DIR") or os.path.join(root, "..", "shared", "data", "multi30k")
-    if not os.path.isfile(os.path.join(path, "train.en.gz")):
-        pytest.fail(f"Multi30k raw files not found in {path}: set MULTI30K_DIR to the directory holding train.en.gz.")
-    return path
-
-
-def read_lines(name: str, limit: int | None = None) -> list[str]:
-    with gzip.open(os.path.join(multi30k_dir(), name), "rt", encoding="utf-8") as f:
-        return f.read().splitlines()[:limit]
-
-
 @pytest.fixture(scope="module")
-def texts():
+def texts(read_lines):
     return [s for pair in zip(read_lines("train.en.gz", 3000), read_lines("train.de.gz", 3000)) for s in pair]
 
 
@@ -39,7 +24,7 @@ def test_reserved_ids(tok):
     assert tok.encode("漢")[-1] == tok.unk_id  # a character never seen in training
 
 
-def test_round_trip_on_held_out_sentences(tok):
+def test_round_trip_on_held_out_sentences(tok, read_lines):
     sentences = read_lines("val.en.gz") + read_lines("val.de.gz")
     for s in sentences:
         ids = tok.encode(s)

@@ -14,7 +14,6 @@ from experiments.configs import multi30k as multi30k_config
 from transformer import checkpointing, evaluation, inference, inputs, sharding, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MULTI30K = os.environ.get("MULTI30K_DIR", os.path.join(REPO, "..", "shared", "data", "multi30k"))
 
 REFERENCES = ["Ein Mann fährt Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest ein Buch am Strand."]
 HYPOTHESES = ["Ein Mann fährt ein Fahrrad.", "Zwei Hunde spielen im Schnee.", "Eine Frau liest am Strand."]
@@ -60,12 +59,12 @@ def run_command(module, *flags, stdin=None):
 
 
 @pytest.mark.slow
-def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch):
+def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
     """Train a tiny Multi30k model briefly, then translate stdin and score the test split."""
     workdir = str(tmp_path / "run")
     config = multi30k_config.get_config("hour")
     config.model.update(num_layers=1, d_model=64, d_ff=128)
-    config.data.update(manual_dir=MULTI30K, data_dir=str(tmp_path / "tfds"), vocab_size=500, batch_size=32)
+    config.data.update(manual_dir=multi30k_dir, data_dir=str(tmp_path / "tfds"), vocab_size=500, batch_size=32)
     config.update(num_train_steps=60, max_train_minutes=0.0, eval_every=60, log_every=20)
     config.checkpoint.update(every=20, keep=3)
     config.decode.update(beam_size=2, batch_size=64)
@@ -109,3 +108,44 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch):
     monkeypatch.setattr(inputs, "make_inputs", lambda *a, **k: pytest.fail("evaluate_split built the training inputs"))
     again = inference.evaluate_split(workdir, "test", "averaged", beam_size=2)
     assert again["bleu"] == pytest.approx(scores["bleu"]) and again["perplexity"] == pytest.approx(scores["perplexity"])
+
+
+class CharTokenizer:
+    """A stand-in vocabulary: one id per character (mod 20), after pad 0, eos 1, unk 2."""
+
+    eos_id = 1
+
+    def encode(self, text):
+        return [3 + ord(c) % 20 for c in text]
+
+    def decode(self, ids):
+        ids = ids[:ids.index(1)] if 1 in ids else ids
+        return "".join(chr(ord("a") + i - 3) for i in ids if i >= 3)
+
+
+def test_translator_compiles_once_per_length_bucket(monkeypatch):
+    """Recompile guard: a whole test set traces the decoder once per padded length, never per batch."""
+    import transformer as tfm
+
+    traces = []
+    real = evaluation.decoding.translate
+
+    def counting(model, params, inputs, **kwargs):
+        traces.append(inputs.shape)  # runs only while JAX traces
+        return real(model, params, inputs, **kwargs)
+
+    monkeypatch.setattr(evaluation.decoding, "translate", counting)
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, num_encoder_layers=1, num_decoder_layers=1, max_len=64)
+    model = tfm.EncoderDecoder(cfg)
+    params = model.init(jax.random.key(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+    translator = evaluation.Translator(model, CharTokenizer(), beam_size=2, batch_size=4, max_input_length=32,
+                                       max_extra_length=4)
+    rng = np.random.default_rng(0)
+    sentences = ["".join(rng.choice(list("abcdefgh"), size=n)) for n in rng.integers(1, 30, size=60)]
+    outputs = translator(params, sentences)
+    assert len(outputs) == 60
+    lengths = sorted(len(s) + 1 for s in sentences)  # + EOS
+    batch_lengths = {-(-max(lengths[i:i + 4]) // 8) * 8 for i in range(0, 60, 4)}
+    assert len(traces) == len(batch_lengths) <= len({-(-n // 8) * 8 for n in lengths}) and 0 < len(traces) < 15
+    translator(params, sentences[::-1])  # another pass over the same lengths compiles nothing
+    assert len(traces) == len(batch_lengths)

@@ -42,7 +42,12 @@ def test_rope_scores_depend_only_on_offset():
     np.testing.assert_allclose(score(3, 1), score(10, 8), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(score(0, 5), score(20, 25), rtol=1e-5, atol=1e-5)
     assert not np.allclose(score(3, 1), score(3, 2), atol=1e-3)
-    # Rotation preserves norms, and position 0 is the identity.
+    # Rotation preserves the norm of every head's vector at every position, and position 0 is the identity.
+    positions = jnp.array([[0], [1], [7], [1000]])
+    rotated = positional.apply_rope(jnp.broadcast_to(q, (4, 1, 2, 8)), positions)
+    np.testing.assert_allclose(jnp.linalg.norm(rotated, axis=-1), jnp.broadcast_to(jnp.linalg.norm(q, axis=-1), (4, 1, 2)),
+                               rtol=1e-5)
+    assert not np.allclose(rotated[2], q, atol=1e-3)  # it did rotate
     np.testing.assert_allclose(positional.apply_rope(q, jnp.array([[0]])), q, atol=1e-6)
 
 

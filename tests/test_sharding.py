@@ -71,7 +71,16 @@ def test_sharded_training_matches_single_device(single_device_run, mesh_shape):
         assert query.sharding.spec[1] == "tensor"
     if mesh_shape.get("fsdp", 1) > 1:
         assert query.sharding.spec[0] == "fsdp"
-    assert len(query.addressable_shards) == trainer.mesh.size
+    # Each device holds exactly the block its mesh coordinates select, and the blocks tile the array.
+    full = np.asarray(jax.device_get(query))
+    expected_shape = query.sharding.shard_shape(query.shape)
+    covered = np.zeros(query.shape, np.int32)
+    for shard in query.addressable_shards:
+        assert shard.data.shape == expected_shape
+        np.testing.assert_array_equal(np.asarray(shard.data), full[shard.index])
+        covered[shard.index] += 1
+    replicas = trainer.mesh.size // np.prod([trainer.mesh.shape[a] for a in query.sharding.spec if a is not None] or [1])
+    assert (covered == replicas).all()
 
 
 def test_gradient_accumulation_equals_one_large_batch():

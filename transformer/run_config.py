@@ -20,7 +20,7 @@ ConfigDict. A leaf that would have no effect is an error, never silently ignored
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Mapping
 
 from absl import logging
 

@@ -98,7 +98,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    step_metrics = dict(loss_sum=loss_sum, **stats, grad_norm=optax.global_norm(grads),
+    step_metrics = dict(loss_sum=loss_sum, **stats, grad_norm=optax.tree.norm(grads),
                         learning_rate=schedule(state.step))
     return new_state, step_metrics
 
