@@ -29,6 +29,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/multi30k_hour", "Where checkpoin
 _RAW_DIR = flags.DEFINE_string("raw_dir", None, "Multi30k raw files (default: ../shared/data/multi30k if present).")
 _NUM_AVERAGE = flags.DEFINE_integer("num_average", None, "Checkpoints to average (default: config.checkpoint.keep).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Multi-process: after this long without word "
+                                  "from a process, the others stop with an error.", lower_bound=1)
 _RESTART_DATA = flags.DEFINE_bool("restart_data", False, "Resume even if the checkpoint's input-pipeline position "
                                   "is missing or damaged, starting the data from its beginning.")
 
@@ -44,7 +46,7 @@ def main(argv):
         config.data.manual_dir = os.path.abspath(raw_dir) if raw_dir else None
         config.data.data_dir = config.data.data_dir or os.path.abspath(os.path.join(workdir, "tfds"))
     run = TrainConfig.from_dict(config)
-    runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value)
+    runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
     print(f"Training in {workdir} (data: {raw_dir or 'download'})", flush=True)
     training.train_and_evaluate(config, workdir, restart_data=_RESTART_DATA.value)
     train_minutes = (time.time() - start) / 60

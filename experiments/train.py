@@ -18,6 +18,8 @@ from transformer.run_config import TrainConfig
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the resolved config.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
+_HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Multi-process: after this long without word "
+                                  "from a process, the others stop with an error.", lower_bound=1)
 _RESTART_DATA = flags.DEFINE_bool("restart_data", False, "Resume even if the checkpoint's input-pipeline position "
                                   "is missing or damaged, starting the data from its beginning.")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -27,7 +29,7 @@ def main(argv):
     del argv
     config = _CONFIG.value
     run = TrainConfig.from_dict(config)  # a bad field fails here, before any device is touched
-    runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value)
+    runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
     training.train_and_evaluate(config, _WORKDIR.value, restart_data=_RESTART_DATA.value)
 
 

@@ -56,7 +56,8 @@ DAMAGES = {
 }
 
 
-@pytest.mark.parametrize("damage", sorted(DAMAGES))
+@pytest.mark.parametrize("damage", [pytest.param("metadata deleted", marks=pytest.mark.slow),
+                                    pytest.param("state emptied", marks=pytest.mark.slow), "bytes flipped"])
 def test_damaged_latest_falls_back_to_the_newest_intact_step(workdir, damage, caplog):
     DAMAGES[damage](workdir)
     final = training.train_and_evaluate(small_config(6), workdir)
@@ -92,7 +93,7 @@ def test_inference_names_the_damaged_step_and_the_others(workdir):
     assert step == 2
 
 
-@pytest.mark.parametrize("problem", ["missing", "truncated"])
+@pytest.mark.parametrize("problem", ["missing", pytest.param("truncated", marks=pytest.mark.slow)])
 def test_a_missing_or_broken_data_state_is_an_error_unless_restart_data(workdir, problem):
     path = os.path.join(workdir, "checkpoints", "data_state", "4.process_0.json")
     if problem == "missing":

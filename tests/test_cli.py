@@ -15,39 +15,49 @@ def run(module, *flags, stdin=None):
                           input=stdin, timeout=300)
 
 
+def slow(*values):
+    """A case that runs with `-m slow`; the default suite keeps one case of each kind."""
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
 CASES = [
     # unknown or ill-typed config fields
     ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.model.d_modle=3"], 'Did you mean "d_model"'),
-    ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.log_every=abc"], "--config.log_every=abc"),
-    ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.data.tokens_per_batch=100"], "has no effect"),
-    ("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--config.data.task=copy"], "config.data.task"),
-    ("experiments.benchmarks.train_step", ["--presets=huge"], "Unknown ModelConfig preset 'huge'"),
+    slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.log_every=abc"], "--config.log_every=abc"),
+    slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.data.tokens_per_batch=100"], "has no effect"),
+    slow("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--config.data.task=copy"], "config.data.task"),
+    slow("experiments.benchmarks.train_step", ["--presets=huge"], "Unknown ModelConfig preset 'huge'"),
     # zero intervals and invalid numbers
     ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.log_every=0"], "config.log_every=0 must be positive"),
-    ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.checkpoint.every=0"], "checkpoint.every=0"),
-    ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.data.batch_size=0"], "data.batch_size=0"),
-    ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.num_train_steps=-5"], "num_train_steps=-5"),
+    slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.checkpoint.every=0"], "checkpoint.every=0"),
+    slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.data.batch_size=0"], "data.batch_size=0"),
+    slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.num_train_steps=-5"], "num_train_steps=-5"),
     ("experiments.translate", ["--workdir={tmp}/w", "--beam_size=0"], "--beam_size=0"),
-    ("experiments.translate", ["--workdir={tmp}/w", "--beam_size=100000"], "--beam_size=100000"),
-    ("experiments.translate", ["--workdir={tmp}/w", "--batch_size=-1"], "--batch_size=-1"),
-    ("experiments.evaluate", ["--workdir={tmp}/w", "--alpha=-5"], "--alpha=-5"),
-    ("experiments.average", ["--workdir={tmp}/w", "--num_checkpoints=0"], "--num_checkpoints=0"),
-    ("experiments.average", ["--workdir={tmp}/w", "--num_checkpoints=-2"], "--num_checkpoints=-2"),
-    ("experiments.sample", ["--workdir={tmp}/w", "--top_k=-1"], "--top_k=-1"),
+    slow("experiments.translate", ["--workdir={tmp}/w", "--beam_size=100000"], "--beam_size=100000"),
+    slow("experiments.translate", ["--workdir={tmp}/w", "--batch_size=-1"], "--batch_size=-1"),
+    slow("experiments.evaluate", ["--workdir={tmp}/w", "--alpha=-5"], "--alpha=-5"),
+    slow("experiments.average", ["--workdir={tmp}/w", "--num_checkpoints=0"], "--num_checkpoints=0"),
+    slow("experiments.average", ["--workdir={tmp}/w", "--num_checkpoints=-2"], "--num_checkpoints=-2"),
+    slow("experiments.sample", ["--workdir={tmp}/w", "--top_k=-1"], "--top_k=-1"),
     # missing config or data files, nonexistent workdirs
     ("experiments.train", ["--config=experiments/configs/nope.py", "--workdir={tmp}/w"], "nope.py"),
-    ("experiments.train", [COPY], "--workdir"),
-    ("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--raw_dir={tmp}/no_data",
+    slow("experiments.train", [COPY], "--workdir"),
+    slow("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--raw_dir={tmp}/no_data",
                                         "--config.data.vocab_size=100"], "no_data"),
     ("experiments.evaluate", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
-    ("experiments.translate", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
-    ("experiments.sample", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
-    ("experiments.average", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
+    slow("experiments.translate", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
+    slow("experiments.sample", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
+    slow("experiments.average", ["--workdir={tmp}/nowhere"], "is {tmp}/nowhere the workdir of a training run?"),
     ("experiments.evaluate", ["--workdir={tmp}/w", "stray"], "unexpected arguments ['stray']"),
 ]
 
 
-@pytest.mark.parametrize("module, flags, message", CASES, ids=[f"{c[0].split('.')[-1]}-{i}" for i, c in enumerate(CASES)])
+def case_id(index, case):
+    module = (case.values if hasattr(case, "values") else case)[0]
+    return f"{module.split('.')[-1]}-{index}"
+
+
+@pytest.mark.parametrize("module, flags, message", CASES, ids=[case_id(i, c) for i, c in enumerate(CASES)])
 def test_a_mistake_is_one_clear_line(tmp_path, module, flags, message):
     result = run(module, *[f.format(tmp=tmp_path) for f in flags])
     assert result.returncode == 1, result.stderr[-2000:]
@@ -73,6 +83,7 @@ def synthetic_runs(tmp_path_factory):
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run_name, module, flags, message", [
     ("copy", "experiments.evaluate", [], "scoring needs a translation run on real data"),
     ("copy", "experiments.translate", [], "translating needs a translation run trained on real text"),
@@ -89,6 +100,7 @@ def test_a_workdir_of_the_wrong_kind_is_one_clear_line(synthetic_runs, run_name,
     assert "Traceback" not in result.stderr and message in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_sampling_with_an_empty_prompt_works(synthetic_runs):
     result = run("experiments.sample", f"--workdir={synthetic_runs['lm']}", "--prompt=", "--prompt=3 4",
                  "--max_length=8")

@@ -196,6 +196,42 @@ def test_two_processes_train_together(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_killed_process_ends_its_peer_within_the_heartbeat_timeout(tmp_path):
+    """kill -9 of one of two processes: the survivor stops with an error, bounded by --heartbeat_timeout_seconds."""
+    workdir = str(tmp_path / "run")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=1000000",
+             "--config.log_every=5", "--config.eval_every=1000000", "--config.checkpoint.every=1000000",
+             "--config.model.num_layers=1", "--config.mesh.data=4", "--config.mesh.fsdp=2",
+             "--heartbeat_timeout_seconds=10"]
+    logs = [open(tmp_path / f"process_{i}.log", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, text=True, stdout=logs[i],
+                              stderr=subprocess.STDOUT, env={**os.environ, **env, "JAX_PROCESS_ID": str(i)})
+             for i in range(2)]
+    try:
+        metrics_path = os.path.join(workdir, "metrics.jsonl")
+        deadline = time.time() + 300
+        while not (os.path.exists(metrics_path) and os.path.getsize(metrics_path)) and time.time() < deadline:
+            time.sleep(0.5)
+        assert os.path.exists(metrics_path), (tmp_path / "process_0.log").read_text()[-3000:]
+        procs[1].kill()  # kill -9
+        killed_at = time.time()
+        try:
+            procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the surviving process hung for 120 s after its peer died")
+        waited = time.time() - killed_at
+    finally:
+        for p in procs:
+            p.kill()
+        for log in logs:
+            log.close()
+    assert procs[0].returncode != 0 and waited < 90, (procs[0].returncode, waited)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, message", [(signal.SIGTERM, "SIGTERM received"), (signal.SIGINT, "Ctrl-C (SIGINT)")])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_the_run_resumes(tmp_path, signum, message):
     workdir = str(tmp_path / "run")

@@ -13,7 +13,7 @@ from absl import logging
 _joined = False
 
 
-def initialize(prng_impl: str = "", *, distributed: bool = False) -> None:
+def initialize(prng_impl: str = "", *, distributed: bool = False, heartbeat_timeout_seconds: int = 100) -> None:
     """Joins a multi-process job when the environment (or `distributed`) says there is one; sets the PRNG.
 
     Multi-process: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES and JAX_PROCESS_ID (as
@@ -21,15 +21,19 @@ def initialize(prng_impl: str = "", *, distributed: bool = False) -> None:
     clusters JAX detects by itself. `prng_impl` (e.g. "unsafe_rbg", much cheaper dropout masks than
     threefry on CPU and GPU) becomes jax_default_prng_impl; "" keeps JAX's default. A checkpoint's
     PRNG state must be restored under the implementation it was saved with.
+
+    `heartbeat_timeout_seconds` bounds how long the other processes wait for one that died (kill -9,
+    a lost host) before they stop with an error instead of hanging in a collective.
     """
     global _joined
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not _joined and (address or distributed):
         if address:
             jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-                                       process_id=int(os.environ["JAX_PROCESS_ID"]))
+                                       process_id=int(os.environ["JAX_PROCESS_ID"]),
+                                       heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         else:
-            jax.distributed.initialize()
+            jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_seconds)
         _joined = True
     use_prng_impl(prng_impl)
     logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
