@@ -120,3 +120,17 @@ def test_leftovers_of_killed_saves_are_removed(workdir):
     removed = checkpointing.remove_leftovers(os.path.join(workdir, "checkpoints"))
     assert sorted(removed) == sorted([leftover, half_written])
     assert not os.path.exists(leftover) and not os.path.exists(half_written)
+
+
+def test_a_full_disk_is_reported_at_the_save_before_anything_is_written(workdir, monkeypatch):
+    config = small_config(4)
+    trainer = training.Trainer(config, training.model_config(config), sharding.make_mesh())
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    state, _ = ckpt.restore_intact(trainer.abstract_state)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints", "data_state")))
+    monkeypatch.setattr(checkpointing.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(checkpointing.CheckpointError, match=r"No room to save step 6: 0.0 MiB free .* step 4"):
+        ckpt.save(6, state, {"step": 6})
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints", "data_state"))) == before
+    assert ckpt.all_steps() == [2, 4]
+    ckpt.close()

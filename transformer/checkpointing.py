@@ -15,6 +15,7 @@ killed saves (`*.orbax-checkpoint-tmp*`) are removed when a Checkpointer opens t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
         self._data_dir = os.path.join(self.directory, "data_state")
         self._checksum_dir = os.path.join(self.directory, "checksums")
+        self._pending = None  # the step of an asynchronous save not yet known to be committed
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -70,7 +72,12 @@ class Checkpointer:
         self._manager.delete(step)
 
     def save(self, step: int, state: Any, data_state: dict | None = None, metrics: dict | None = None) -> None:
-        """Saves `state` (asynchronously) and this process's `data_state` (now) at `step`."""
+        """Saves `state` (asynchronously) and this process's `data_state` (now) at `step`.
+
+        Raises CheckpointError, with one message, when the disk cannot hold the checkpoint (checked
+        before anything is written) or a save fails (this one, or the previous asynchronous one).
+        """
+        self._check_space(step, state)
         if data_state is not None:
             os.makedirs(self._data_dir, exist_ok=True)
             path = self._data_path(step, jax.process_index())
@@ -85,9 +92,34 @@ class Checkpointer:
                 json.dump(sums, f)
             os.replace(path + ".tmp", path)
         metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=metrics,
-                           force=True)
+        with self._failures_as_errors():
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), metrics=metrics,
+                               force=True)
+        self._pending = step
         self._prune_data_states()
+
+    def _check_space(self, step: int, state: Any) -> None:
+        needed = sum(x.nbytes for x in jax.tree.leaves(state))  # the global size: an upper bound per host
+        os.makedirs(self.directory, exist_ok=True)
+        free = shutil.disk_usage(self.directory).free
+        if free < 1.2 * needed + (1 << 20):
+            raise CheckpointError(
+                f"No room to save step {step}: {free / 2**20:.1f} MiB free in {self.directory}, a checkpoint needs "
+                f"about {needed / 2**20:.1f} MiB. Free some space (or lower checkpoint.keep) and run the same command "
+                f"again: it resumes from the newest checkpoint, step {self.latest_step()}.")
+
+    @contextlib.contextmanager
+    def _failures_as_errors(self):
+        """Turns a failed (possibly asynchronous, earlier) save into one CheckpointError; removes its leftovers."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 -- orbax and tensorstore raise many kinds (ValueError for ENOSPC)
+            step, self._pending = self._pending, None
+            if jax.process_index() == 0:
+                remove_leftovers(self.directory)
+            raise CheckpointError(f"Saving the checkpoint of step {step} in {self.directory} failed: "
+                                  f"{str(e).splitlines()[0][-400:] if str(e) else type(e).__name__}. The newest "
+                                  "complete checkpoint is intact; free the cause and run the same command again.") from e
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict | None, int]:
         """Restores (state, this process's data state or None, step) onto `abstract_state`'s shardings.
@@ -169,11 +201,15 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are committed."""
-        self._manager.wait_until_finished()
+        with self._failures_as_errors():
+            self._manager.wait_until_finished()
+        self._pending = None
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
     def _data_path(self, step: int, process: int) -> str:
         return os.path.join(self._data_dir, f"{step}.process_{process}.json")
