@@ -145,7 +145,9 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
     outputs = translator(params, sentences)
     assert len(outputs) == 60
     lengths = sorted(len(s) + 1 for s in sentences)  # + EOS
-    batch_lengths = {-(-max(lengths[i:i + 4]) // 8) * 8 for i in range(0, 60, 4)}
-    assert len(traces) == len(batch_lengths) <= len({-(-n // 8) * 8 for n in lengths}) and 0 < len(traces) < 15
+    pad = lambda n: -(-n // evaluation.LENGTH_MULTIPLE) * evaluation.LENGTH_MULTIPLE  # noqa: E731
+    batch_lengths = {pad(max(lengths[i:i + 4])) for i in range(0, 60, 4)}  # 15 batches, a few padded lengths
+    assert len(traces) == len(batch_lengths) <= len({pad(n) for n in lengths}) and 0 < len(traces) < 15
+    assert {shape[1] for shape in traces} == batch_lengths  # one trace per bucket, none twice
     translator(params, sentences[::-1])  # another pass over the same lengths compiles nothing
     assert len(traces) == len(batch_lengths)

@@ -2,7 +2,8 @@
 
 All decoders work on a `logits_fn(tokens [B', 1], cache) -> (logits [B', V], cache)` that runs one
 cached decoder step; `encoder_decoder_step_fn` and `decoder_only_step_fn` build it for our models.
-Sequences are [B, L] token ids without the BOS; 0 pads after EOS.
+Sequences are [B, L] token ids without the BOS; PAD_ID (0) pads after EOS. The decoder starts from
+PAD_ID, its BOS (see `transformer.tokens`).
 
 Beam search follows Wu et al. (2016) and the paper (beam 4, length penalty alpha 0.6):
 score = log P(y) / lp(y), lp(y) = ((5 + |y|) / 6) ** alpha. Finished hypotheses live in their own
@@ -15,6 +16,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from transformer.tokens import PAD_ID
 
 NEG_INF = -1.0e7  # finite "impossible" log-probability: keeps arithmetic NaN-free
 
@@ -70,7 +73,7 @@ def gather_cache(cache, indices):
 
 
 def greedy(logits_fn, cache, batch_size: int, max_length: int, eos_id: int):
-    """Argmax decoding: [B, max_length] tokens, 0 after each row's EOS."""
+    """Argmax decoding: [B, max_length] tokens, PAD_ID after each row's EOS."""
     return sample(logits_fn, cache, batch_size, max_length, eos_id, rng=None)
 
 
@@ -79,17 +82,17 @@ def sample(logits_fn, cache, batch_size: int, max_length: int, eos_id: int, *, r
     """Ancestral sampling (argmax when `rng` is None), with temperature, top-k and nucleus (top-p).
 
     Args:
-      prompt: optional [B, P] tokens (0-padded on the right) to force before sampling starts.
+      prompt: optional [B, P] tokens (PAD_ID-padded on the right) to force before sampling starts.
     Returns:
-      [B, max_length] tokens (the prompt included), 0 after each row's EOS.
+      [B, max_length] tokens (the prompt included), PAD_ID after each row's EOS.
     """
     prompt = jnp.zeros((batch_size, 0), jnp.int32) if prompt is None else prompt
-    prompt_lengths = jnp.sum(prompt != 0, axis=1)  # [B]
-    prompt = jnp.pad(prompt, ((0, 0), (0, max_length - prompt.shape[1])))
+    prompt_lengths = jnp.sum(prompt != PAD_ID, axis=1)  # [B]
+    prompt = jnp.pad(prompt, ((0, 0), (0, max_length - prompt.shape[1])), constant_values=PAD_ID)
 
     def body(state):
         step, tokens, done, cache = state
-        previous = jnp.where(step == 0, 0, tokens[:, jnp.maximum(step - 1, 0)])
+        previous = jnp.where(step == 0, PAD_ID, tokens[:, jnp.maximum(step - 1, 0)])  # [B]; BOS (PAD_ID) first
         logits, cache = logits_fn(previous[:, None], cache)  # [B, V]
         if rng is None:
             chosen = jnp.argmax(logits, axis=-1)
@@ -97,7 +100,7 @@ def sample(logits_fn, cache, batch_size: int, max_length: int, eos_id: int, *, r
             chosen = jax.random.categorical(jax.random.fold_in(rng, step),
                                             filter_logits(logits / temperature, top_k, top_p))
         chosen = jnp.where(step < prompt_lengths, prompt[:, step], chosen)
-        chosen = jnp.where(done, 0, chosen).astype(jnp.int32)
+        chosen = jnp.where(done, PAD_ID, chosen).astype(jnp.int32)
         tokens = tokens.at[:, step].set(chosen)
         done = done | ((chosen == eos_id) & (step >= prompt_lengths))
         return step + 1, tokens, done, cache
@@ -106,7 +109,8 @@ def sample(logits_fn, cache, batch_size: int, max_length: int, eos_id: int, *, r
         step, _, done, _ = state
         return (step < max_length) & ~jnp.all(done)
 
-    init = (jnp.array(0), jnp.zeros((batch_size, max_length), jnp.int32), jnp.zeros((batch_size,), bool), cache)
+    init = (jnp.array(0), jnp.full((batch_size, max_length), PAD_ID, jnp.int32), jnp.zeros((batch_size,), bool),
+            cache)
     _, tokens, _, _ = jax.lax.while_loop(cond, body, init)
     return tokens
 
@@ -141,7 +145,7 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
 
     Returns:
       (tokens [B, W, max_length], scores [B, W]) sorted best first; tokens end with EOS
-      (unless cut at max_length) and are 0 after it.
+      (unless cut at max_length) and are PAD_ID after it.
     """
     b, w = batch_size, beam_size
 
@@ -150,17 +154,18 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
 
     state = dict(
         step=jnp.array(0),
-        live_tokens=jnp.zeros((b, w, max_length), jnp.int32),
+        live_tokens=jnp.full((b, w, max_length), PAD_ID, jnp.int32),
         # Only the first beam is live at the start, so the first expansion has no duplicates.
         live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1)), (b, 1)),
-        finished_tokens=jnp.zeros((b, w, max_length), jnp.int32),
+        finished_tokens=jnp.full((b, w, max_length), PAD_ID, jnp.int32),
         finished_scores=jnp.full((b, w), NEG_INF),
         cache=cache,
     )
 
     def body(state):
         step = state["step"]
-        previous = jnp.where(step == 0, 0, state["live_tokens"][:, :, jnp.maximum(step - 1, 0)])  # [B, W]
+        # [B, W]: the last token of each beam, BOS (PAD_ID) at the first step.
+        previous = jnp.where(step == 0, PAD_ID, state["live_tokens"][:, :, jnp.maximum(step - 1, 0)])
         logits, cache = logits_fn(flat(previous)[:, None], state["cache"])
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32)).reshape(b, w, -1)  # [B, W, V]
         vocab = logprobs.shape[-1]

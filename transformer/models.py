@@ -1,6 +1,7 @@
 """The Transformer family: EncoderDecoder (translation), DecoderOnly (LM), EncoderOnly (BERT-style).
 
-All three share one embedding, one `Encoder` stack and one `Decoder` stack. Token id 0 is padding.
+All three share one embedding, one `Encoder` stack and one `Decoder` stack. Token id PAD_ID (0, see
+`transformer.tokens`) is padding and the decoder's BOS.
 Packed rows are described by `*_segment_ids` (1, 2, ... per sequence, 0 on padding) and
 `*_positions` (restarting at 0 in each sequence); both default to a single unpacked sequence.
 
@@ -20,16 +21,17 @@ import jax.numpy as jnp
 from transformer import masking, positional
 from transformer.config import ModelConfig
 from transformer.layers import DecoderLayer, Dense, EncoderLayer, make_norm
+from transformer.tokens import PAD_ID
 
 
 def shift_right(targets, segment_ids=None):
-    """Decoder inputs from targets: [B, T] -> [B, T], a 0 (BOS) at the start of every sequence.
+    """Decoder inputs from targets: [B, T] -> [B, T], PAD_ID (the BOS) at the start of every sequence.
 
     Position t of the output holds target t-1, so the decoder predicts target t from targets < t.
     """
-    shifted = jnp.pad(targets, ((0, 0), (1, 0)))[:, :-1]
+    shifted = jnp.pad(targets, ((0, 0), (1, 0)), constant_values=PAD_ID)[:, :-1]
     if segment_ids is not None:  # packed rows: each sequence starts with BOS, not the previous one's end
-        shifted = jnp.where(segment_ids == jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1], shifted, 0)
+        shifted = jnp.where(segment_ids == jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1], shifted, PAD_ID)
     return shifted
 
 
@@ -250,7 +252,7 @@ class EncoderDecoder(_Model):
         """inputs [B, S] int -> encoded [B, S, D]."""
         deterministic = self._deterministic(deterministic)
         positions = _default_positions(inputs, positions)
-        return self.encoder(self.source_embedding(inputs), inputs != 0, segment_ids, positions,
+        return self.encoder(self.source_embedding(inputs), inputs != PAD_ID, segment_ids, positions,
                             deterministic=deterministic)
 
     def decode(self, encoded, inputs, decoder_inputs, *, inputs_segment_ids=None,
@@ -258,11 +260,11 @@ class EncoderDecoder(_Model):
                decode: bool = False):
         """encoded [B, S, D], inputs [B, S] (for its padding), decoder_inputs [B, T] -> logits [B, T, V].
 
-        `decoder_inputs` are already shifted (BOS = 0 first).
+        `decoder_inputs` are already shifted (BOS = PAD_ID first).
         """
         deterministic = self._deterministic(deterministic)
         y = self.decoder(self.target_embedding(decoder_inputs), targets_segment_ids, targets_positions,
-                         encoded, inputs != 0, inputs_segment_ids, deterministic=deterministic, decode=decode)
+                         encoded, inputs != PAD_ID, inputs_segment_ids, deterministic=deterministic, decode=decode)
         return self._logits(self.target_embedding, y)
 
 
@@ -311,7 +313,8 @@ class EncoderOnly(_Model):
         """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head."""
         deterministic = self._deterministic(deterministic)
         positions = _default_positions(inputs, positions)
-        x = self.encoder(self.embedding(inputs), inputs != 0, segment_ids, positions, deterministic=deterministic)
+        x = self.encoder(self.embedding(inputs), inputs != PAD_ID, segment_ids, positions,
+                         deterministic=deterministic)
         if self.num_classes is None:
             return self._logits(self.embedding, x)
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D], the first token's state

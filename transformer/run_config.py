@@ -213,6 +213,9 @@ class _Reader:
         for name in ("num_train_steps", "log_every", "eval_every"):
             if top[name] <= 0:
                 self.fail(name, "must be positive", top[name])
+        for name in ("max_train_minutes", "peak_flops_per_device"):
+            if top[name] < 0:
+                self.fail(name, "must be >= 0 (0 = none)", top[name])
         if not 0.0 <= top["label_smoothing"] < 1.0:
             self.fail("label_smoothing", "is outside [0, 1)", top["label_smoothing"])
         bleu = objective == "translation" and not data.synthetic
