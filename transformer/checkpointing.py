@@ -29,6 +29,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
+from transformer.workdir import read_json
+
 TMP_MARKER = ".orbax-checkpoint-tmp"
 
 
@@ -166,7 +168,7 @@ class Checkpointer:
         if not all_finite(state):
             raise CheckpointError(f"The checkpoint at step {step} in {self.directory} is damaged: it holds "
                                   "non-finite values")
-        expected = _read_json(os.path.join(self._checksum_dir, f"{step}.json"))
+        expected = read_json(os.path.join(self._checksum_dir, f"{step}.json"))
         if expected is not None and expected != checksums(state):
             raise CheckpointError(f"The checkpoint at step {step} in {self.directory} is damaged: its values differ "
                                   "from those saved (checksum mismatch)")
@@ -247,14 +249,6 @@ def checksums(tree: Any) -> list[int]:
     """One uint32 checksum of the bits of each array in `tree`: a flipped byte changes its leaf's."""
     leaves = jax.tree.leaves(tree)
     return [int(v) for v in jax.device_get(_checksums(leaves))] if leaves else []
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 def all_finite(tree: Any) -> bool:

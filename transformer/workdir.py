@@ -38,7 +38,7 @@ def lock(workdir: str, *, enabled: bool = True):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            holder = _read_json(path)
+            holder = read_json(path)
             if holder is None or (holder.get("host") == mine["host"] and not _alive(holder.get("pid", -1))):
                 logging.warning("Taking over the lock %s of a trainer that is gone (%s).", path, holder)
                 with contextlib.suppress(FileNotFoundError):
@@ -54,7 +54,7 @@ def lock(workdir: str, *, enabled: bool = True):
     try:
         yield
     finally:
-        if _read_json(path) == mine:
+        if read_json(path) == mine:
             os.remove(path)
 
 
@@ -68,7 +68,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _read_json(path: str) -> Any:
+def read_json(path: str) -> Any:
+    """The JSON in `path`, or None if it is missing or unreadable."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -84,7 +85,7 @@ def state_signature(abstract_state: Any) -> dict[str, str]:
 
 def check_state_signature(checkpoint_dir: str, abstract_state: Any) -> None:
     """Raises WorkdirError if the checkpoints in `checkpoint_dir` hold a train state of another shape."""
-    stored = _read_json(os.path.join(checkpoint_dir, SIGNATURE_FILE))
+    stored = read_json(os.path.join(checkpoint_dir, SIGNATURE_FILE))
     if stored is None:
         return  # a new run, or one from before signatures were written
     ours = state_signature(abstract_state)
