@@ -57,13 +57,22 @@ def decoder_only_step_fn(model, params) -> Callable:
     return logits_fn
 
 
-def gather_cache(cache, indices):
-    """Selects batch rows `indices` [B'] of every cached key/value ([..., B, S, K, H]); counters stay."""
+def reorder_beams(cache, source_beam):
+    """Beam w of batch row b takes the cached keys/values of beam `source_beam[b, w]` of the same row.
+
+    Cached keys/values are [..., B * W, S, K, H] (beam-major within a row); counters stay. The
+    gather never crosses batch rows, so with the batch split over devices no cache moves between them.
+    """
+    b, w = source_beam.shape
 
     def gather(path, leaf):
-        if getattr(path[-1], "key", None) in ("cached_key", "cached_value"):
-            return jnp.take(leaf, indices, axis=leaf.ndim - 4)
-        return leaf
+        if getattr(path[-1], "key", None) not in ("cached_key", "cached_value"):
+            return leaf
+        axis = leaf.ndim - 4
+        rows = leaf.reshape(*leaf.shape[:axis], b, w, *leaf.shape[axis + 1:])  # [..., B, W, S, K, H]
+        take = jax.vmap(lambda beams, source: jnp.take(beams, source, axis=0, mode="clip"), in_axes=(axis, 0),
+                        out_axes=axis)
+        return take(rows, source_beam).reshape(leaf.shape)
 
     return jax.tree_util.tree_map_with_path(gather, cache)
 
@@ -181,8 +190,7 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
         live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), w)
         live_tokens = jnp.take_along_axis(top_tokens, live_pick[..., None], axis=1)
         source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, W]
-        rows = (jnp.arange(b)[:, None] * w + source_beam).reshape(-1)
-        cache = gather_cache(cache, rows)
+        cache = reorder_beams(cache, source_beam)
 
         # Finished set: merge the old finished with candidates that just ended (or hit max length).
         at_end = step == max_length - 1
