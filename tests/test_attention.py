@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer import attention
+from transformer import attention, masking
+from transformer.config import ModelConfig
 
-IMPLEMENTATIONS = attention.IMPLEMENTATIONS
+IMPLEMENTATIONS = tuple(i for i in attention.IMPLEMENTATIONS if i != "splash")  # dense-mask kernels
 
 
 def numpy_attention(q, k, v, mask, bias):
@@ -146,3 +147,90 @@ def test_module_cache_reproduces_full_attention():
             decode_index=t, mutable=["cache"])
         cache = mutated["cache"]
         np.testing.assert_allclose(out[:, 0], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Pallas splash kernel (Pallas interpret mode on CPU) against the reference kernel.
+
+
+def segment_inputs(seed, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim=16):
+    q, k, v, _, _ = make_inputs(seed, batch, q_len, kv_len, num_heads, num_kv_heads, head_dim)
+    rng = np.random.default_rng(seed)
+    q_seg = np.ones((batch, q_len), np.int32)
+    k_seg = np.ones((batch, kv_len), np.int32)
+    # Row 0: packed, three sequences then padding; row 1: one sequence then padding.
+    cut = [q_len // 3, 2 * q_len // 3, q_len - 5]
+    q_seg[0, cut[0]:cut[1]], q_seg[0, cut[1]:cut[2]], q_seg[0, cut[2]:] = 2, 3, 0
+    q_seg[1, q_len - 9:] = 0
+    if q_len == kv_len:
+        k_seg = q_seg.copy()
+    else:
+        k_seg[1, kv_len - int(rng.integers(3, 9)):] = 0
+    return q, k, v, jnp.asarray(q_seg), jnp.asarray(k_seg)
+
+
+SPLASH_CASES = {
+    # name: (q_len, kv_len, heads, kv heads, mask fields)
+    "padded_packed_encoder": (128, 128, 2, 2, dict()),
+    "causal_packed_decoder": (128, 128, 2, 2, dict(causal=True)),
+    "causal_window_gqa": (128, 128, 4, 2, dict(causal=True, window=9)),
+    "cross_attention_unaligned_lengths": (40, 56, 2, 1, dict(query_segments=None)),
+}
+
+
+@pytest.mark.parametrize("case", list(SPLASH_CASES))
+def test_splash_matches_reference_values_and_gradients(case):
+    q_len, kv_len, heads, kv_heads, fields = SPLASH_CASES[case]
+    q, k, v, q_seg, k_seg = segment_inputs(7, 2, q_len, kv_len, heads, kv_heads)
+    fields = dict(fields)
+    if q_len != kv_len:  # cross attention: queries unpacked, keys padded
+        q_seg = None
+    segments = masking.SegmentMask(fields.pop("query_segments", q_seg), k_seg, **fields)
+    cotangent = jnp.asarray(np.random.default_rng(8).normal(size=q.shape), jnp.float32)
+
+    def loss(implementation, q, k, v):
+        out = attention.dot_product_attention(q, k, v, segments, implementation=implementation)
+        return jnp.sum(out * cotangent), out
+
+    (_, expected), expected_grads = jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True)("reference", q, k, v)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(1, 2, 3), has_aux=True), static_argnums=0)(
+        "splash", q, k, v)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=1e-5)
+    if q_seg is not None:  # padding queries attend to nothing
+        assert not np.any(np.asarray(out)[np.asarray(q_seg) == 0])
+    for got, want in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-4)
+
+
+def test_splash_keeps_packed_sequences_apart():
+    """A sequence's output does not change when the other sequences packed in its row do."""
+    q, k, v, seg, _ = segment_inputs(9, 2, 128, 128, 2, 2)
+    segments = masking.SegmentMask(seg, seg, causal=True)
+    out = attention.dot_product_attention(q, k, v, segments, implementation="splash")
+    other = np.asarray(seg)[0] != 2
+    k2, v2 = np.array(k), np.array(v)
+    k2[0, other], v2[0, other] = -k2[0, other] * 3.0, v2[0, other] + 5.0
+    out2 = attention.dot_product_attention(q, k2, v2, segments, implementation="splash")
+    inside = np.asarray(seg)[0] == 2
+    np.testing.assert_allclose(np.asarray(out)[0, inside], np.asarray(out2)[0, inside], atol=1e-6)
+    assert not np.allclose(np.asarray(out)[0, other & (np.asarray(seg)[0] != 0)],
+                           np.asarray(out2)[0, other & (np.asarray(seg)[0] != 0)])
+
+
+def test_splash_refuses_what_it_cannot_do():
+    q, k, v, mask, bias = make_inputs()
+    with pytest.raises(ValueError, match="splash.*SegmentMask"):
+        attention.dot_product_attention(q, k, v, mask, implementation="splash")
+    with pytest.raises(ValueError, match="splash.*bias"):
+        attention.dot_product_attention(q, k, v, masking.SegmentMask(), bias, implementation="splash")
+    with pytest.raises(ValueError, match="attention='splash'"):
+        ModelConfig(attention="splash", position="alibi")
+
+
+def test_splash_decoding_step_takes_the_reference_kernel():
+    q, k, v, _, _ = make_inputs(q_len=5, kv_len=7)
+    q = q[:, 4:5]
+    step = masking.SegmentMask(causal=True, query_index=jnp.asarray([4]), key_index=jnp.arange(7))
+    out = attention.dot_product_attention(q, k, v, step, implementation="splash")
+    expected = attention.dot_product_attention(q, k, v, step.dense(1, 7), implementation="reference")
+    np.testing.assert_allclose(out, expected, atol=1e-6)

@@ -249,3 +249,27 @@ def test_pooled_head_and_long_input_error():
     learned = tfm.EncoderOnly(tiny(position="learned", max_len=8))
     with pytest.raises(ValueError, match="exceeds ModelConfig.max_len=8"):
         learned.init(jax.random.key(0), tokens(8, (1, 9)))
+
+
+@pytest.mark.parametrize("model_cls", [tfm.EncoderDecoder, tfm.DecoderOnly, tfm.EncoderOnly])
+def test_splash_attention_model_matches_reference_on_packed_padded_rows(model_cls):
+    """The Pallas splash kernel (interpret mode here) in every attention of a model, packed rows and
+    padding included, gives the reference kernel's logits; its cached decoding falls back correctly."""
+    cfg = tiny(num_encoder_layers=1, num_decoder_layers=1, num_kv_heads=2, position="rope")
+    model, params, _ = built(model_cls, cfg.replace(attention="reference"))
+    splash = model_cls(cfg.replace(attention="splash"))
+    segment_ids = jnp.array([[1, 1, 1, 1, 2, 2, 2, 3, 3, 0, 0, 0], [1] * 9 + [0] * 3])
+    positions = jnp.array([[0, 1, 2, 3, 0, 1, 2, 0, 1, 0, 0, 0], list(range(9)) + [0] * 3])
+    x = jnp.where(segment_ids > 0, tokens(11, (2, 12)), 0)
+    if model_cls is tfm.EncoderDecoder:
+        args, kwargs = (x, x), dict(inputs_segment_ids=segment_ids, targets_segment_ids=segment_ids,
+                                    inputs_positions=positions, targets_positions=positions)
+    else:
+        args, kwargs = (x,), dict(segment_ids=segment_ids, positions=positions)
+    expected = model.apply({"params": params}, *args, **kwargs)
+    got = jax.jit(lambda p: splash.apply({"params": p}, *args, **kwargs))(params)
+    np.testing.assert_allclose(got, expected, atol=2e-5, rtol=2e-5)
+    if model_cls is tfm.DecoderOnly:
+        targets = tokens(4, (2, 7))
+        stepped = decode_step_by_step(splash, params, tfm.shift_right(targets))
+        np.testing.assert_allclose(stepped, model.apply({"params": params}, targets), atol=1e-5, rtol=1e-5)

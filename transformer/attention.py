@@ -5,13 +5,19 @@ Axis legend, used in every shape and einsum string of this package:
   G query heads per key/value head (N = K * G), H head dim, F feed-forward dim, V vocab,
   W beam width (beam search).
 
-`dot_product_attention` is a pure function with three interchangeable kernels:
+`dot_product_attention` is a pure function with four interchangeable kernels:
   * "reference": plain einsums, softmax in float32. The readable definition.
-  * "fused": `jax.nn.dot_product_attention` (XLA; cuDNN flash attention on GPU in 16-bit dtypes).
+  * "fused": `jax.nn.dot_product_attention` (XLA; cuDNN flash attention on GPU in 16-bit dtypes);
+    on TPU, splash attention wherever splash applies (below, and T, S >= 128).
   * "chunked": online softmax over key blocks (Rabe & Staats 2021; Dao et al. 2022), memory
     O(T * block) instead of O(T * S), for long sequences.
-All three agree on masked inputs, and all return zeros for a query whose keys are all masked
-(a padding query), rather than an average of values.
+  * "splash": the Pallas TPU splash attention kernel (jax.experimental.pallas.ops.tpu), a blocked
+    flash attention that reads the mask's structure (`masking.SegmentMask`: segment ids for padding
+    and packing, causal, window) and skips fully masked blocks. Compiled with Mosaic on TPU, run in
+    Pallas interpret mode elsewhere (slow; for tests). No bias, no attention dropout; decoding steps
+    with a cache take the reference kernel.
+All agree on masked inputs, and all return zeros for a query whose keys are all masked (a padding
+query), rather than an average of values.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import positional
+from transformer import masking, positional
 from transformer.config import ATTENTION_KINDS
 
 IMPLEMENTATIONS = ATTENTION_KINDS  # the kernels of dot_product_attention, one per ModelConfig.attention
 # A large finite negative rather than -inf, so fully masked rows stay NaN-free.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+SPLASH_BLOCK = 128  # splash attention's query and key block; lengths are padded to a multiple
 
 
 def dot_product_attention(
@@ -47,7 +54,8 @@ def dot_product_attention(
     Args:
       query: [B, T, N, H].
       key, value: [B, S, K, H], with N a multiple of K (grouped-query attention when K < N).
-      mask: bool, broadcastable to [B, N, T, S]; True = attend. None = attend everywhere.
+      mask: bool, broadcastable to [B, N, T, S]; True = attend. Or a `masking.SegmentMask`, which
+        "splash" needs and the dense kernels expand. None = attend everywhere.
       bias: float, broadcastable to [B, N, T, S]; added to the logits (relative positions, ALiBi).
       implementation: "reference", "fused" or "chunked".
       dropout_rate: dropout on the attention weights, applied when `dropout_rng` is given.
@@ -61,11 +69,22 @@ def dot_product_attention(
         raise ValueError(f"key {key.shape} and value {value.shape} must be [B, S, K, H] matching query {query.shape}.")
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}).")
+    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if implementation == "splash" or (implementation == "fused" and _on_tpu() and min(q_len, kv_len) >= SPLASH_BLOCK):
+        segments = mask if isinstance(mask, masking.SegmentMask) else masking.SegmentMask() if mask is None else None
+        reason = _splash_unsupported(segments, bias, use_dropout)
+        if reason is None:
+            return _splash_attention(query, key, value, segments, interpret=not _on_tpu())
+        if implementation == "splash" and (segments is None or segments.default_indices):
+            raise ValueError(f"attention 'splash' {reason}: use 'fused', 'reference' or 'chunked'.")
+        # A decoding step with a cache (or "fused" outside splash's reach): a dense kernel.
+        implementation = "reference" if implementation == "splash" else implementation
+    if isinstance(mask, masking.SegmentMask):
+        mask = mask.dense(q_len, kv_len)
     full = (batch, num_heads, q_len, kv_len)
     for name, x in (("mask", mask), ("bias", bias)):
         if x is not None and (x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full))):
             raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S] = {list(full)}.")
-    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
     if implementation == "reference" or (implementation == "fused" and use_dropout):
         # NOTE: jax.nn.dot_product_attention has no dropout, so training with attention dropout
         # takes the reference path.
@@ -179,6 +198,88 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
     out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
     out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
     return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+def _on_tpu() -> bool:
+    """Whether this trace is for TPU: the devices of the mesh in context (an AOT topology's
+    included), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if device is not None and device.platform:
+        return device.platform == "tpu"
+    return jax.default_backend() == "tpu"
+
+
+def _splash_unsupported(segments, bias, use_dropout) -> str | None:
+    """Why splash cannot run this call, or None."""
+    if segments is None:
+        return "needs a masking.SegmentMask (segment ids, causal, window), not a dense mask array"
+    if not segments.default_indices:
+        return "needs queries and keys at positions 0, 1, ... (not a decoding step with a cache)"
+    if bias is not None:
+        return "takes no attention bias (relative or ALiBi positions)"
+    if use_dropout:
+        return "has no attention dropout"
+    return None
+
+
+def _splash_attention(query, key, value, segments: masking.SegmentMask, *, interpret: bool):
+    """Splash attention over [B, T, N, H] / [B, S, K, H], sharded over the mesh in context."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    q_pad, kv_pad = -q_len % SPLASH_BLOCK, -kv_len % SPLASH_BLOCK
+    q_total, kv_total = q_len + q_pad, kv_len + kv_pad
+
+    # Segment ids: padding queries are segment 0 (their output is zeroed below); padding keys -1,
+    # which no query has, so they are never attended. Rows padded to whole blocks are both.
+    q_ids = jnp.ones((batch, q_len), jnp.int32) if segments.query_segments is None else segments.query_segments
+    k_ids = jnp.ones((batch, kv_len), jnp.int32) if segments.key_segments is None else segments.key_segments
+    q_ids = jnp.pad(jnp.broadcast_to(q_ids.astype(jnp.int32), (batch, q_len)), ((0, 0), (0, q_pad)))
+    k_ids = jnp.broadcast_to(k_ids.astype(jnp.int32), (batch, kv_len))
+    k_ids = jnp.pad(jnp.where(k_ids == 0, -1, k_ids), ((0, 0), (0, kv_pad)), constant_values=-1)
+
+    shape = (q_total, kv_total)
+    if segments.window is not None:
+        right = 0 if segments.causal else segments.window - 1
+        head_mask = splash_mask.LocalMask(shape, window_size=(segments.window - 1, right), offset=0)
+    elif segments.causal:
+        head_mask = splash_mask.CausalMask(shape)
+    else:
+        head_mask = splash_mask.FullMask(shape)
+    kernel_heads = groups if num_kv_heads < num_heads else num_heads
+    kernel = (splash.make_splash_mqa if num_kv_heads < num_heads else splash.make_splash_mha)(
+        splash_mask.MultiHeadMask([head_mask] * kernel_heads), head_shards=1, q_seq_shards=1, interpret=interpret)
+
+    def attend(q, k, v, q_ids, k_ids):  # one shard: [b, T, n, H], [b, S, k, H], [b, T], [b, S] -> [b, T, n, H]
+        b = q.shape[0]
+        q = jnp.pad(q * jnp.asarray(head_dim**-0.5, q.dtype), ((0, 0), (0, q_pad), (0, 0), (0, 0)))
+        k, v = (jnp.transpose(jnp.pad(x, ((0, 0), (0, kv_pad), (0, 0), (0, 0))), (0, 2, 1, 3)) for x in (k, v))
+        run = lambda q, k, v, q_ids, k_ids: kernel(q, k, v, segment_ids=splash.SegmentIds(q_ids, k_ids))  # noqa: E731
+        if num_kv_heads < num_heads:  # grouped: a multi-query kernel per key/value head
+            q = jnp.transpose(q.reshape(b, q_total, -1, groups, head_dim), (0, 2, 3, 1, 4))  # [b, k, G, T, H]
+            out = jax.vmap(jax.vmap(run, in_axes=(0, 0, 0, None, None)))(q, k, v, q_ids, k_ids)  # [b, k, G, T, H]
+            out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, q_total, -1, head_dim)
+        else:
+            out = jax.vmap(run)(jnp.transpose(q, (0, 2, 1, 3)), k, v, q_ids, k_ids)  # [b, N, T, H]
+            out = jnp.transpose(out, (0, 2, 1, 3))
+        out = out[:, :q_len] * (q_ids[:, :q_len] != 0)[:, :, None, None].astype(out.dtype)
+        return out.astype(query.dtype)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return attend(query, key, value, q_ids, k_ids)
+    # A Pallas kernel is opaque to the SPMD partitioner: run it per shard, batch and heads split as
+    # the logical rules in context say.
+    batch_axes, heads_axes, kv_axes = (nn.logical_to_mesh_axes((name,))[0] for name in ("batch", "heads", "kv_heads"))
+    q_spec = jax.sharding.PartitionSpec(batch_axes, None, heads_axes, None)
+    kv_spec = jax.sharding.PartitionSpec(batch_axes, None, kv_axes, None)
+    ids_spec = jax.sharding.PartitionSpec(batch_axes, None)
+    return jax.shard_map(attend, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
+                         out_specs=q_spec, check_vma=False)(query, key, value, q_ids, k_ids)
 
 
 class MultiHeadAttention(nn.Module):

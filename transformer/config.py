@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTENTION_KINDS = ("reference", "fused", "chunked")
+ATTENTION_KINDS = ("reference", "fused", "chunked", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope", "relative", "alibi")
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
@@ -74,6 +74,11 @@ class ModelConfig:
             raise ValueError(
                     f"ModelConfig.position='rope' needs an even head dimension, got d_model/num_heads = {self.head_dim}: "
                     "change d_model or num_heads.")
+        if self.attention == "splash" and (self.position in ("relative", "alibi") or self.attention_dropout_rate):
+            raise ValueError(
+                    "ModelConfig.attention='splash' (the Pallas TPU kernel) takes no attention bias and no attention "
+                    f"dropout, but position={self.position!r}, attention_dropout_rate={self.attention_dropout_rate}: "
+                    "use attention='fused' (which picks splash on TPU where it applies).")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be positive or None (global attention).")
 

@@ -107,7 +107,8 @@ class EncoderLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, bias, positions, deterministic: bool):
-        """x [B, S, D]; mask [B, 1, S, S]; bias [B, N, S, S] or None; positions [B, S] -> [B, S, D]."""
+        """x [B, S, D]; mask a masking.SegmentMask or [B, 1, S, S] bool; bias [B, N, S, S] or None;
+        positions [B, S] -> [B, S, D]."""
         cfg = self.config
         self_attention = _attention(cfg, "self_attention", use_rope=cfg.position == "rope")
         x = residual(cfg, "self_attention", x, lambda h: self_attention(
@@ -131,9 +132,9 @@ class DecoderLayer(nn.Module):
     @nn.compact
     def __call__(self, y, encoded, self_mask, self_bias, cross_mask, positions, decode_index,
                  deterministic: bool, decode: bool):
-        """y [B, T, D]; encoded [B, S, D] or None; self_mask [B, 1, T, T'] (T' = cache length when
-        decoding); self_bias [B, N, T, T'] or None; cross_mask [B, 1, T, S]; positions [B, T]
-        -> [B, T, D]."""
+        """y [B, T, D]; encoded [B, S, D] or None; self_mask a masking.SegmentMask or [B, 1, T, T'] bool
+        (T' = cache length when decoding); self_bias [B, N, T, T'] or None; cross_mask likewise [B, 1, T, S];
+        positions [B, T] -> [B, T, D]."""
         cfg = self.config
         self_attention = _attention(cfg, "self_attention", use_rope=cfg.position == "rope")
         y = residual(cfg, "self_attention", y, lambda h: self_attention(

@@ -3,11 +3,17 @@
 True means "query t may attend to key s". Every function returns shape [B, 1, T, S] (B may be 1 when
 the mask does not depend on the batch), so masks combine with `&` and broadcast over heads.
 
+The models describe their masks with `SegmentMask` instead: segment ids (padding as segment 0), a
+causal flag and a window. Dense kernels expand it with `.dense()`; a blocked kernel such as splash
+attention reads the structure itself and never builds the [T, S] array.
+
 Legend: B batch, N heads, T query length, S key length.
 """
 
 from __future__ import annotations
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 
 
@@ -59,3 +65,43 @@ def combine_masks(*masks):
 def _batched(index):
     index = jnp.asarray(index)
     return index[None] if index.ndim == 1 else index
+
+
+@flax.struct.dataclass
+class SegmentMask:
+    """Query t attends to key s iff their segments are equal and the key's is not 0 (padding),
+    and, if `causal`, key index <= query index, and, with a `window`, |query - key index| < window.
+
+    Fields:
+      query_segments: [B, T] int, or None: every query in segment 1 (unpacked rows without padding).
+      key_segments: [B, S] int (0 = padding, never attended), or None: every key in segment 1.
+      query_index, key_index: [T] or [B, T] / [S] or [B, S] int positions for `causal` and `window`;
+        None = 0, 1, ... (a decoding step with a cache passes its own).
+    A query of segment 0 attends to nothing: its attention output is zero.
+    """
+
+    query_segments: jax.Array | None = None
+    key_segments: jax.Array | None = None
+    query_index: jax.Array | None = None
+    key_index: jax.Array | None = None
+    causal: bool = flax.struct.field(pytree_node=False, default=False)
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
+
+    @property
+    def default_indices(self) -> bool:
+        """Queries and keys at positions 0, 1, ... (no decoding offset): a static block structure."""
+        return self.query_index is None and self.key_index is None
+
+    def dense(self, q_len: int, kv_len: int):
+        """The boolean mask [B or 1, 1, T, S], or None when nothing is masked."""
+        query_index = jnp.arange(q_len) if self.query_index is None else self.query_index
+        key_index = jnp.arange(kv_len) if self.key_index is None else self.key_index
+        segments = None
+        if self.key_segments is not None or self.query_segments is not None:
+            q = jnp.ones((1, q_len), jnp.int32) if self.query_segments is None else self.query_segments
+            k = jnp.ones((1, kv_len), jnp.int32) if self.key_segments is None else self.key_segments
+            segments = segment_mask(q, k) & (k != 0)[:, None, None, :]
+        return combine_masks(
+            segments,
+            causal_mask(query_index, key_index) if self.causal else None,
+            None if self.window is None else sliding_window_mask(query_index, key_index, self.window))

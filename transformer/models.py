@@ -78,6 +78,13 @@ def _add_absolute_positions(cfg: ModelConfig, x, positions, deterministic):
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+def _key_segments(valid, segment_ids):
+    """[B, S] segment ids with padding as 0 (what `masking.SegmentMask` never attends to)."""
+    if segment_ids is None:
+        return valid.astype(jnp.int32)
+    return jnp.where(valid, segment_ids, 0).astype(jnp.int32)
+
+
 def _position_bias(cfg: ModelConfig, query_positions, key_positions, bidirectional: bool):
     """The [B, N, T, S] attention bias of relative schemes (shared by all layers), else None."""
     if cfg.position == "relative":
@@ -126,11 +133,8 @@ class Encoder(nn.Module):
         """x [B, S, D] embedded tokens; valid [B, S] bool; segment_ids, positions [B, S] -> [B, S, D]."""
         cfg = self.config
         x = _add_absolute_positions(cfg, x, positions, deterministic)
-        index = jnp.arange(x.shape[1])
-        mask = masking.combine_masks(
-            masking.padding_mask(valid, valid),
-            None if segment_ids is None else masking.segment_mask(segment_ids, segment_ids),
-            None if cfg.sliding_window is None else masking.sliding_window_mask(index, index, cfg.sliding_window))
+        segments = _key_segments(valid, segment_ids)
+        mask = masking.SegmentMask(segments, segments, window=cfg.sliding_window)
         bias = _position_bias(cfg, positions, positions, bidirectional=True)
         x = _apply_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, (mask, bias, positions, deterministic), 1)
         if cfg.norm_position == "pre":
@@ -166,18 +170,15 @@ class Decoder(nn.Module):
         key_positions = positions if not decode else jnp.broadcast_to(key_index, (batch, key_index.shape[0]))
 
         y = _add_absolute_positions(cfg, y, positions, deterministic)
-        self_mask = masking.combine_masks(
-            masking.causal_mask(query_index, key_index),
-            None if segment_ids is None else masking.segment_mask(segment_ids, segment_ids),
-            None if cfg.sliding_window is None else masking.sliding_window_mask(
-                query_index, key_index, cfg.sliding_window))
+        self_mask = masking.SegmentMask(
+            segment_ids, segment_ids, query_index=query_index if decode else None,
+            key_index=key_index if decode else None, causal=True, window=cfg.sliding_window)
         self_bias = _position_bias(cfg, positions, key_positions, bidirectional=False)
         cross_mask = None
         if self.cross_attention:
-            cross_mask = masking.combine_masks(
-                masking.padding_mask(jnp.ones((batch, length), bool), encoder_valid),
-                None if segment_ids is None or encoder_segment_ids is None
-                else masking.segment_mask(segment_ids, encoder_segment_ids))
+            packed = segment_ids is not None and encoder_segment_ids is not None
+            cross_mask = masking.SegmentMask(segment_ids if packed else None,
+                                             _key_segments(encoder_valid, encoder_segment_ids if packed else None))
         args = (encoded, self_mask, self_bias, cross_mask, positions, decode_index, deterministic, decode)
         y = _apply_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, args, 2,
                           cross_attention=self.cross_attention)
