@@ -19,7 +19,10 @@ usage() {
 Usage: ${PROG} [OPTIONS] STEP... [-- ENTRY_ARGS...]
 
 Steps (run in this order, whatever order they are given in):
-  create   gcloud compute tpus tpu-vm create NAME
+  create   first a preflight, here: python3 -m experiments.plan --topology=TYPE with the run's
+           --config and --config.* arguments compiles its train, eval and decode programs for the
+           slice with the TPU compiler (pip install -e ".[tpu]") and stops before anything is
+           billed if one does not fit; then gcloud compute tpus tpu-vm create NAME
   setup    copy this checkout (tracked and untracked, not git-ignored files) to ~/${REMOTE_DIR}
            on every worker, or git clone --git-url there; then pip install -U "jax[tpu]" and
            pip install -e ~/${REMOTE_DIR}
@@ -47,6 +50,7 @@ Options:
   --git-ref REF            branch, tag or commit to check out after --git-url (default: its default)
   --entry MODULE           entry point module (default: experiments.train; also
                            experiments.evaluate, experiments.translate)
+  --no-preflight           create without compiling the run for the slice first
   --dry-run                print the commands instead of running them
   -h, --help               show this help
 
@@ -71,6 +75,7 @@ GIT_URL=""
 GIT_REF=""
 ENTRY="experiments.train"
 DRY_RUN=0
+PREFLIGHT=1
 # The steps asked for, 1 or 0.
 DO_CREATE=0
 DO_SETUP=0
@@ -98,6 +103,7 @@ parse_args() {
     case "$1" in
       -h | --help) usage; exit 0 ;;
       --dry-run) DRY_RUN=1 ;;
+      --no-preflight) PREFLIGHT=0 ;;
       --spot) SPOT=1 ;;
       --) shift; PASSTHROUGH=("$@"); return ;;
       --*=*)
@@ -176,6 +182,29 @@ on_all_workers() {
   tpu_vm ssh --worker=all --command="$1"
 }
 
+# Compiles the run's programs for the slice on this machine (experiments.plan) before create: a
+# program that does not fit, or a mesh or batch the slice cannot take, stops here, unbilled.
+preflight() {
+  local -a plan_args=()
+  local i arg
+  for ((i = 0; i < ${#PASSTHROUGH[@]}; i++)); do
+    arg="${PASSTHROUGH[i]}"
+    if [[ "${arg}" == --config=* || "${arg}" == --config.*=* ]]; then
+      plan_args+=("${arg}")
+    elif [[ "${arg}" == --config || "${arg}" == --config.* ]] && ((i + 1 < ${#PASSTHROUGH[@]})); then
+      plan_args+=("${arg}" "${PASSTHROUGH[i + 1]}")
+      i=$((i + 1))
+    fi
+  done
+  if ((${#plan_args[@]} == 0)); then
+    printf '%s: no --config in the entry arguments: no compile preflight\n' "${PROG}" >&2
+    return 0
+  fi
+  printf '%s: preflight: compiling the run for %s (skip with --no-preflight)\n' "${PROG}" "${ACCELERATOR_TYPE}" >&2
+  (cd "${REPO_ROOT}" && run python3 -m experiments.plan --topology="${ACCELERATOR_TYPE}" "${plan_args[@]}") \
+    || { printf '%s: preflight failed: no VM created\n' "${PROG}" >&2; exit 1; }
+}
+
 create_vm() {
   local -a flags=(--accelerator-type="${ACCELERATOR_TYPE}" --version="${VERSION:-$(default_version)}")
   if ((SPOT)); then
@@ -240,6 +269,9 @@ main() {
     trap 'exit 130' INT TERM
   fi
   if ((DO_CREATE)); then
+    if ((PREFLIGHT)); then
+      preflight
+    fi
     create_vm
   fi
   if ((DO_DELETE)); then

@@ -333,6 +333,7 @@ def test_tpu_dry_run_all_creates_sets_up_runs_and_deletes(sandbox):
     archive = f"{sandbox[0]}/tmp/mt-base-transformer.tar.gz"
     where = "--zone=us-central2-b --project=proj"
     assert lines == [
+        "python3 -m experiments.plan --topology=v4-32 --config=experiments/configs/base.py",
         f"gcloud compute tpus tpu-vm create mt-base --accelerator-type=v4-32 "
         f"--version=tpu-ubuntu2204-base {where}",
         f"bash -o pipefail -c 'git -C {REPO} ls-files -z --cached --others --exclude-standard "
@@ -411,8 +412,11 @@ def test_tpu_run_copies_code_installs_and_runs_on_workers(sandbox):
     assert result.returncode == 0, result.stderr
     calls = stub_calls(sandbox)
     steps = [c["argv"][3] if c["prog"] == "gcloud" else c["prog"] for c in calls]
-    assert steps == ["create", "scp", "ssh", "python3", "python3", "python3", "ssh", "python3",
+    # The preflight (TRICKY is a --config.* override), then the VM's life.
+    assert steps == ["python3", "create", "scp", "ssh", "python3", "python3", "python3", "ssh", "python3",
                      "delete"]
+    assert calls[0]["argv"] == ["-m", "experiments.plan", "--topology=v5litepod-16", TRICKY]
+    calls = calls[1:]
     home = pathlib.Path(sandbox[1]["HOME"])
     code = home / "transformer"
     # The checkout arrived without ignored files, and the archive was cleaned up locally.
@@ -434,6 +438,27 @@ def test_tpu_failed_run_still_deletes_the_vm(sandbox):
                     "delete", STUB_FAIL_ON="exec python3")
     assert result.returncode != 0
     assert [c["argv"][3] for c in stub_calls(sandbox)] == ["create", "ssh", "delete"]
+
+
+def test_tpu_preflight_compiles_the_run_first_and_a_failure_creates_nothing(sandbox):
+    args = [*TPU_BASE, "--accelerator-type=v5litepod-8", "create", "--", "--config", "experiments/configs/c.py",
+            "--config.model.remat=True", "--workdir=gs://b/w"]
+    result = launch(sandbox, "tpu_vm.sh", *args)
+    assert result.returncode == 0, result.stderr
+    plan, create = stub_calls(sandbox)
+    assert plan["prog"] == "python3" and plan["cwd"] == str(REPO)
+    assert plan["argv"] == ["-m", "experiments.plan", "--topology=v5litepod-8", "--config",
+                            "experiments/configs/c.py", "--config.model.remat=True"]
+    assert create["argv"][3] == "create"
+
+    (sandbox[0] / "log.jsonl").unlink(missing_ok=True)
+    failed = launch(sandbox, "tpu_vm.sh", *args, STUB_FAIL_ON="experiments.plan")
+    assert failed.returncode == 1 and "preflight failed: no VM created" in failed.stderr
+    assert [c["prog"] for c in stub_calls(sandbox)] == ["python3"]  # create never ran
+
+    (sandbox[0] / "log.jsonl").unlink(missing_ok=True)
+    skipped = dry_run(sandbox, "tpu_vm.sh", "--no-preflight", *args)
+    assert len(skipped) == 1 and skipped[0].startswith("gcloud compute tpus tpu-vm create")
 
 
 def test_tpu_failed_create_deletes_nothing(sandbox):

@@ -56,6 +56,16 @@ def flops_per_token(*, d_model: int, d_ff: int, num_heads: int, num_encoder_laye
     return float(3 * 2 * forward_macs)
 
 
+def model_flops_per_token(model_cfg, objective: str, length: int) -> float:
+    """`flops_per_token` of a ModelConfig trained on `objective` with sources and targets of `length` tokens."""
+    encoder_layers = model_cfg.num_encoder_layers if objective in ("translation", "mlm") else 0
+    decoder_layers = model_cfg.num_decoder_layers if objective in ("translation", "lm") else 0
+    return flops_per_token(
+        d_model=model_cfg.d_model, d_ff=model_cfg.d_ff, num_heads=model_cfg.num_heads,
+        num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers, vocab_size=model_cfg.vocab_size,
+        source_length=length, target_length=length, swiglu=model_cfg.activation == "swiglu")
+
+
 class MetricsWriter:
     """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object per write) and TensorBoard.
 

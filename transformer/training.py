@@ -24,8 +24,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from transformer import (checkpointing, evaluation, inputs as inputs_lib, metrics, optimizers, runtime, sharding, tokens,
-                         workdir as workdir_lib)
+from transformer import (checkpointing, evaluation, inputs as inputs_lib, metrics, optimizers, runtime, sharding,
+                         tokens, tpu, workdir as workdir_lib)
 from transformer.config import ModelConfig
 from transformer.data import pipeline as data_pipeline
 from transformer.run_config import TrainConfig, as_train_config
@@ -225,7 +225,7 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
 
     step = int(state.step)
     writer = metrics.MetricsWriter(workdir, enabled=is_main, resume_step=step)
-    flops_per_token = _flops_per_token(model_cfg, run)
+    flops_per_token = metrics.model_flops_per_token(model_cfg, run.objective, run.data.max_length)
     peak = run.peak_flops_per_device or _device_peak_flops()
     total_steps = run.num_train_steps
     progress = metrics.ProgressLine(total_steps, enabled=is_main, max_seconds=60.0 * run.max_train_minutes)
@@ -323,21 +323,14 @@ def _bleu(trainer: Trainer, translator, params, inputs: inputs_lib.Inputs, num_s
     return dict(bleu=scores["bleu"], bleu_lc=scores["bleu_lc"])
 
 
-def _flops_per_token(model_cfg: ModelConfig, run: TrainConfig) -> float:
-    encoder_layers = model_cfg.num_encoder_layers if run.objective in ("translation", "mlm") else 0
-    decoder_layers = model_cfg.num_decoder_layers if run.objective in ("translation", "lm") else 0
-    length = run.data.max_length
-    return metrics.flops_per_token(
-        d_model=model_cfg.d_model, d_ff=model_cfg.d_ff, num_heads=model_cfg.num_heads,
-        num_encoder_layers=encoder_layers, num_decoder_layers=decoder_layers, vocab_size=model_cfg.vocab_size,
-        source_length=length, target_length=length, swiglu=model_cfg.activation == "swiglu")
-
-
 # Dense peak FLOP/s per device, for the MFU estimate (bfloat16 on accelerators).
-_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-               "H100": 989e12, "H200": 989e12, "A100": 312e12}
+# TPUs: transformer.tpu.CHIPS (Google's published figures); GPUs: NVIDIA's dense bf16 figures.
+_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def _device_peak_flops() -> float | None:
     kind = jax.devices()[0].device_kind
+    chip = next((c for c in tpu.CHIPS.values() if c.device_kind == kind), None)
+    if chip is not None:
+        return chip.peak_bf16_flops
     return next((v for k, v in _PEAK_FLOPS.items() if k in kind), None)

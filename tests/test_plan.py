@@ -1,0 +1,149 @@
+"""Ahead-of-time TPU compiles on this CPU machine (transformer.plan, experiments.plan).
+
+The TPU compiler comes with the test extra (libtpu); a CI machine without it fails here rather than
+skipping. Each compile is of a one-layer model at small shapes, a few seconds each.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from experiments.configs import copy as copy_config, multi30k
+from transformer import plan as plan_lib, sharding, tpu, training
+from transformer.run_config import TrainConfig
+
+if not tpu.have_compiler():
+    if os.environ.get("CI"):
+        pytest.fail("libtpu is missing: the test extra installs it (jax[tpu]).", pytrace=False)
+    pytest.skip("libtpu not installed (pip install -e '.[test]' brings it)", allow_module_level=True)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLICE = tpu.get_slice("v5e-4")
+
+
+def small_copy(**mesh):
+    config = copy_config.get_config()
+    config.model.update(num_encoder_layers=1, num_decoder_layers=1)
+    config.mesh.update(**{"data": 1, "fsdp": 1, "tensor": 1, **mesh})
+    return config
+
+
+def state_bytes(run) -> int:
+    """Bytes of the whole train state (parameters, Adam moments, step, rng), unsharded."""
+    trainer = training.Trainer(run, run.model_config(), sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(trainer.abstract_state))
+
+
+@pytest.fixture(scope="module")
+def plans():
+    """Train steps of the small copy model on v5e-4 under data, fsdp and tensor meshes (tensor in bf16)."""
+    out = {}
+    for name, mesh, dtype in (("data", dict(data=4), "float32"), ("fsdp", dict(fsdp=4), "float32"),
+                              ("tensor", dict(tensor=4), "bfloat16")):
+        config = small_copy(**mesh)
+        config.model.dtype = dtype
+        out[name] = plan_lib.plan(TrainConfig.from_dict(config), SLICE, programs=("train",), log=lambda _: None)
+    return out
+
+
+@pytest.mark.parametrize("name, mesh", [("data", {"data": 4, "fsdp": 1, "tensor": 1}),
+                                        ("fsdp", {"data": 1, "fsdp": 4, "tensor": 1}),
+                                        ("tensor", {"data": 1, "fsdp": 1, "tensor": 4})])
+def test_compiles_for_a_4_chip_topology_under_each_mesh(plans, name, mesh):
+    p = plans[name]
+    assert p.mesh_shape == mesh
+    (train,) = p.programs
+    assert train.name == "train step"
+    assert train.flops > 0 and train.bytes_accessed > 0
+    assert 0 < train.total_bytes < SLICE.chip.hbm_bytes and p.all_fit
+    # Parameters + Adam moments: all of them on every chip under data parallelism, about a quarter otherwise.
+    total = state_bytes(p.run)
+    if name == "data":
+        assert train.state_bytes == total
+    else:
+        assert total / 4 <= train.state_bytes < total / 2
+    estimate = p.estimate()
+    assert estimate["step_seconds"] > 0 and 0 < estimate["mfu"] < 1
+    assert "ESTIMATE" in plan_lib.report(p)
+
+
+def test_fsdp_train_step_gathers_parameters_and_scatters_gradients(plans):
+    collectives = plans["fsdp"].programs[0].hlo.collectives
+    assert collectives["all-gather"].count > 0
+    assert collectives["reduce-scatter"].count > 0
+    data = plans["data"].programs[0].hlo.collectives  # pure data parallelism: gradients are all-reduced
+    assert data["all-reduce"].count > 0 and data["all-gather"].count == 0 and data["reduce-scatter"].count == 0
+
+
+def test_bfloat16_compiles_with_less_temporary_memory_per_flop(plans):
+    bf16 = plans["tensor"]
+    assert bf16.run.model.dtype == "bfloat16" and bf16.programs[0].flops > 0
+
+
+def test_decode_and_eval_compile_for_translation_on_real_data():
+    config = multi30k.get_config("hour")
+    config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=64, d_ff=128)
+    config.data.update(vocab_size=2048, max_length=16, eval_batch_size=8)
+    config.decode.update(batch_size=6, beam_size=2)
+    run = TrainConfig.from_dict(config)
+    p = plan_lib.plan(run, SLICE, programs=("eval", "decode"), log=lambda _: None)
+    names = [prog.name for prog in p.programs]
+    assert names == ["eval step", "decode (beam 2, 8 x 16)"]  # 6 sentences rounded up to the 4 batch shards
+    assert all(prog.flops > 0 and prog.total_bytes > 0 for prog in p.programs)
+
+
+def test_splash_attention_compiles_for_tpu_as_a_pallas_kernel():
+    """The Pallas kernel lowers through Mosaic (not interpret mode) inside the sharded train step."""
+    config = small_copy(data=2, fsdp=2)
+    config.model.attention = "splash"
+    config.data.max_length = 128
+    p = plan_lib.plan(TrainConfig.from_dict(config), SLICE, programs=("train",), log=lambda _: None)
+    # Forward and backward kernels of the encoder, decoder and cross attention.
+    assert p.programs[0].hlo.pallas_kernels >= 6
+
+
+def test_a_batch_that_does_not_split_over_the_mesh_is_refused():
+    config = small_copy(data=4)
+    config.data.batch_size = 30
+    with pytest.raises(plan_lib.PlanError, match="30 rows.*4 batch shards"):
+        plan_lib.plan(TrainConfig.from_dict(config), SLICE, programs=("train",), log=lambda _: None)
+
+
+def test_oversized_batch_exits_non_zero_naming_the_levers():
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.plan", "--config=experiments/configs/copy.py", "--topology=v5e-4",
+         "--programs=train", "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+         "--config.data.batch_size=65536", "--config.data.max_length=256", "--config.model.d_model=256",
+         "--config.model.max_len=256"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "DOES NOT FIT" in result.stdout
+    error = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1
+    for lever in ("mesh.fsdp", "model.remat", "batch_size", "grad_accum_steps"):
+        assert lever in error[0]
+
+
+@pytest.mark.parametrize("name, chips, hosts, topology", [
+    ("v5e-8", 8, 1, "v5e:2x4"), ("v5litepod-16", 16, 4, "v5e:4x4"), ("v4-8", 4, 1, "v4:2x2x1"),
+    ("v4-32", 16, 4, "v4:2x2x4"), ("v5p-8", 4, 1, "v5:2x2x1"), ("v6e-8", 8, 1, "v6e:2x4"),
+    ("v5e:2x2", 4, 1, "v5e:2x2")])
+def test_slices_by_accelerator_type_or_topology(name, chips, hosts, topology):
+    s = tpu.get_slice(name)
+    assert (s.num_chips, s.num_hosts, s.topology) == (chips, hosts, topology)
+
+
+@pytest.mark.parametrize("name", ["v5e-7", "v4-9", "v9-8", "tpu", "v5e:2x2x2"])
+def test_unknown_slices_are_refused(name):
+    with pytest.raises(tpu.TopologyError):
+        tpu.get_slice(name)
+
+
+def test_topology_devices_are_one_per_chip_across_hosts():
+    devices = tpu.topology_devices(tpu.get_slice("v4-32"))
+    assert len(devices) == 16 and {d.device_kind for d in devices} == {"TPU v4"}
+    assert len({d.process_index for d in devices}) == 4
