@@ -147,3 +147,17 @@ def test_topology_devices_are_one_per_chip_across_hosts():
     devices = tpu.topology_devices(tpu.get_slice("v4-32"))
     assert len(devices) == 16 and {d.device_kind for d in devices} == {"TPU v4"}
     assert len({d.process_index for d in devices}) == 4
+
+
+def test_a_multi_host_slice_compiles_from_one_process():
+    v5e_16 = tpu.get_slice("v5e-16")
+    assert v5e_16.num_hosts == 4
+    p = plan_lib.plan(TrainConfig.from_dict(small_copy(data=16)), v5e_16, programs=("train",), log=lambda _: None)
+    assert p.mesh_shape["data"] == 16 and p.all_fit
+    assert p.programs[0].hlo.collectives["all-reduce"].count > 0
+
+
+def test_without_libtpu_the_plan_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(tpu, "have_compiler", lambda: False)
+    with pytest.raises(tpu.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
+        tpu.topology_devices(SLICE)
