@@ -146,7 +146,7 @@ def _source(line: str, opcode: str) -> str:
         return "Pallas kernels (splash attention)"
     name = re.search(r'op_name="([^"]*)"', line)
     if not name:
-        return opcode
+        return "asynchronous copies" if opcode.endswith("-done") else opcode
     path = re.sub(r"layer_\d+", "layer_*", name.group(1))
     backward = "transpose(" in path
     path = re.sub(r"\b(?:jit|jvp|transpose|checkpoint|remat)\(|\)", "", path)
