@@ -410,7 +410,8 @@ def report(p: Plan) -> str:
              f"{chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI.",
              f"Mesh {p.mesh_shape}; model dtype {p.run.model.dtype}, remat {p.run.model.remat}, "
              f"gradient accumulation {p.run.optimizer.grad_accum_steps}.",
-             f"Training batch: {p.train_batch.rows} x {p.train_batch.length} tokens"
+             f"Training batch: {p.train_batch.rows} x {p.train_batch.length} tokens, "
+             f"{p.train_batch.rows // (p.mesh_shape['data'] * p.mesh_shape['fsdp'])} rows per batch shard"
              + (f" ({p.train_batch.note})" if p.train_batch.note else "") + "."]
     for prog in p.programs:
         if prog.out_of_memory:
@@ -443,7 +444,8 @@ def report(p: Plan) -> str:
         e = p.estimate()
         lines += ["", "ESTIMATE (a roofline from the compiler's counts and the chip's peak figures, perfect overlap; "
                   "real steps are slower):",
-                  f"  train step {e['step_seconds'] * 1e3:.1f} ms; {e['tokens_per_second']:,.0f} target tokens/s; "
+                  f"  train step {e['step_seconds'] * 1e3:.1f} ms; {e['tokens_per_second']:,.0f} target tokens/s "
+                  "(padded batch positions); "
                   f"MFU {100 * e['mfu']:.0f}% (analytic model FLOPs {p.model_flops_per_step / 1e12:.2f} TFLOP/step)",
                   f"  {p.run.num_train_steps:,} steps: {_duration(e['hours'])} wall, "
                   f"{e['chip_hours']:,.0f} chip-hours on {p.slice.num_chips} chips"]
