@@ -425,7 +425,9 @@ def report(p: Plan) -> str:
                   f", {_gib(prog.argument_bytes)} arguments, {_gib(prog.temp_bytes)} temporaries, "
                   f"{_gib(prog.total_bytes)} total of {_gib(chip.hbm_bytes)} HBM "
                   f"({100 * prog.total_bytes / chip.hbm_bytes:.0f}%): {fits}",
-                  f"  compiled: {prog.flops / 1e12:.3f} TFLOP, {prog.bytes_accessed / 1e9:.2f} GB accessed per call"]
+                  f"  compiled: {prog.flops / 1e12:.3f} TFLOP, {prog.bytes_accessed / 1e9:.2f} GB accessed per call"
+                  + (" (the decoding loop's body counted once: the encoder plus about one step)"
+                     if prog.name.startswith("decode") else "")]
         present = {k: c for k, c in prog.hlo.collectives.items() if c.count}
         lines.append("  collectives: " + (", ".join(
             f"{c.count} {k} ({c.bytes / 2**20:.1f} MiB)" for k, c in present.items()) or "none"))
