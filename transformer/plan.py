@@ -329,9 +329,11 @@ class Plan:
         bound = max(parts, key=parts.get)
         return dict(parts, step=parts[bound], bound=bound)
 
-    def estimate(self) -> dict:
-        """Roofline estimates for training (a lower bound on step time, so an upper bound on speed)."""
-        step = self.roofline(self.programs[0])["step"]
+    def estimate(self, overlap: bool = True) -> dict:
+        """Roofline estimates for training. `overlap`: compute, HBM and ICI traffic overlap perfectly
+        (step = the largest; a lower bound on step time); else not at all (step = their sum)."""
+        r = self.roofline(self.programs[0])
+        step = r["step"] if overlap else r["compute"] + r["hbm"] + r["ici"]
         chips = self.slice.num_chips
         steps = self.run.num_train_steps
         return dict(step_seconds=step, tokens_per_second=self.tokens_per_step / step,
@@ -399,7 +401,7 @@ def _gib(n: float) -> str:
     return f"{n / tpu.GiB:.2f} GiB"
 
 
-def _duration(hours: float) -> str:
+def duration(hours: float) -> str:
     return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
@@ -443,14 +445,16 @@ def report(p: Plan) -> str:
                          f"{100 * share:.0f}% touches vocabulary-sized arrays (logits, softmax, loss, embedding); "
                          f"largest sources: {top}")
     if p.programs and p.programs[0].name == "train step" and p.all_fit:
-        e = p.estimate()
-        lines += ["", "ESTIMATE (a roofline from the compiler's counts and the chip's peak figures, perfect overlap; "
-                  "real steps are slower):",
-                  f"  train step {e['step_seconds'] * 1e3:.1f} ms; {e['tokens_per_second']:,.0f} target tokens/s "
-                  "(padded batch positions); "
-                  f"MFU {100 * e['mfu']:.0f}% (analytic model FLOPs {p.model_flops_per_step / 1e12:.2f} TFLOP/step)",
-                  f"  {p.run.num_train_steps:,} steps: {_duration(e['hours'])} wall, "
-                  f"{e['chip_hours']:,.0f} chip-hours on {p.slice.num_chips} chips"]
+        lines += ["", "ESTIMATE, not a measurement: a roofline from the compiler's counts and the chip's peak figures, "
+                  f"analytic model FLOPs {p.model_flops_per_step / 1e12:.2f} TFLOP/step; tokens are padded batch "
+                  "positions."]
+        for overlap, how in ((True, "compute, HBM and ICI overlapped perfectly (fastest)"),
+                             (False, "none of them overlapped")):
+            e = p.estimate(overlap)
+            lines.append(f"  {how}: train step {e['step_seconds'] * 1e3:.1f} ms, "
+                         f"{e['tokens_per_second']:,.0f} target tokens/s, MFU {100 * e['mfu']:.0f}%; "
+                         f"{p.run.num_train_steps:,} steps in {duration(e['hours'])}, "
+                         f"{e['chip_hours']:,.0f} chip-hours on {p.slice.num_chips} chips")
     if not p.all_fit:
         lines += ["", not_fit_message(p)]
     return "\n".join(lines)
