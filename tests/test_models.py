@@ -251,7 +251,7 @@ def test_pooled_head_and_long_input_error():
         learned.init(jax.random.key(0), tokens(8, (1, 9)))
 
 
-@pytest.mark.parametrize("model_cls", [tfm.EncoderDecoder, tfm.DecoderOnly, tfm.EncoderOnly])
+@pytest.mark.parametrize("model_cls", [tfm.EncoderDecoder, tfm.DecoderOnly])  # the encoder: in EncoderDecoder
 def test_splash_attention_model_matches_reference_on_packed_padded_rows(model_cls):
     """The Pallas splash kernel (interpret mode here) in every attention of a model, packed rows and
     padding included, gives the reference kernel's logits; its cached decoding falls back correctly."""

@@ -39,12 +39,14 @@ def state_bytes(run) -> int:
 
 @pytest.fixture(scope="module")
 def plans():
-    """Train steps of the small copy model on v5e-4 under data, fsdp and tensor meshes (tensor in bf16)."""
+    """Train steps of the small copy model on v5e-4 under data, fsdp and tensor meshes; the tensor one
+    in bfloat16 with splash attention (128-token rows)."""
     out = {}
-    for name, mesh, dtype in (("data", dict(data=4), "float32"), ("fsdp", dict(fsdp=4), "float32"),
-                              ("tensor", dict(tensor=4), "bfloat16")):
+    for name, mesh in (("data", dict(data=4)), ("fsdp", dict(fsdp=4)), ("tensor", dict(tensor=4))):
         config = small_copy(**mesh)
-        config.model.dtype = dtype
+        if name == "tensor":
+            config.model.update(dtype="bfloat16", attention="splash")
+            config.data.max_length = 128
         out[name] = plan_lib.plan(TrainConfig.from_dict(config), SLICE, programs=("train",), log=lambda _: None)
     return out
 
@@ -78,9 +80,14 @@ def test_fsdp_train_step_gathers_parameters_and_scatters_gradients(plans):
     assert data["all-reduce"].count > 0 and data["all-gather"].count == 0 and data["reduce-scatter"].count == 0
 
 
-def test_bfloat16_compiles_with_less_temporary_memory_per_flop(plans):
-    bf16 = plans["tensor"]
-    assert bf16.run.model.dtype == "bfloat16" and bf16.programs[0].flops > 0
+def test_bfloat16_and_splash_attention_compile_for_tpu(plans):
+    """bfloat16 compute; the Pallas kernel lowers through Mosaic (not interpret mode) inside the
+    train step, per shard of the tensor mesh: forward and backward kernels of the encoder's, the
+    decoder's and the cross attention."""
+    p = plans["tensor"]
+    assert p.run.model.dtype == "bfloat16" and p.run.model.attention == "splash" and p.programs[0].flops > 0
+    assert p.programs[0].hlo.pallas_kernels >= 6
+    assert plans["data"].programs[0].hlo.pallas_kernels == 0  # 16-token rows: XLA's attention
 
 
 def test_decode_and_eval_compile_for_translation_on_real_data():
@@ -93,16 +100,6 @@ def test_decode_and_eval_compile_for_translation_on_real_data():
     names = [prog.name for prog in p.programs]
     assert names == ["eval step", "decode (beam 2, 8 x 16)"]  # 6 sentences rounded up to the 4 batch shards
     assert all(prog.flops > 0 and prog.total_bytes > 0 for prog in p.programs)
-
-
-def test_splash_attention_compiles_for_tpu_as_a_pallas_kernel():
-    """The Pallas kernel lowers through Mosaic (not interpret mode) inside the sharded train step."""
-    config = small_copy(data=2, fsdp=2)
-    config.model.attention = "splash"
-    config.data.max_length = 128
-    p = plan_lib.plan(TrainConfig.from_dict(config), SLICE, programs=("train",), log=lambda _: None)
-    # Forward and backward kernels of the encoder, decoder and cross attention.
-    assert p.programs[0].hlo.pallas_kernels >= 6
 
 
 def test_a_batch_that_does_not_split_over_the_mesh_is_refused():

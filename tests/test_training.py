@@ -24,6 +24,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # ~1 minute: the default suite's training coverage is the resume, divergence and LM/MLM tests
 def test_copy_task_learns(tmp_path):
     final = training.train_and_evaluate(copy_config.get_config(), str(tmp_path))
     assert final["eval_accuracy"] > 0.99, final
