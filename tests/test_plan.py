@@ -158,3 +158,43 @@ def test_without_libtpu_the_plan_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(tpu, "have_compiler", lambda: False)
     with pytest.raises(tpu.TopologyError, match=r'pip install -e "\.\[tpu\]"'):
         tpu.topology_devices(SLICE)
+
+
+HLO = """\
+HloModule step
+
+%body (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
+  %p = (s32[], f32[64,128]{1,0}) parameter(0)
+  %x = f32[64,128]{1,0} get-tuple-element(%p), index=1
+  %ag = f32[128,128]{1,0} all-gather(%x), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, dimensions={0}
+  %y = f32[64,128]{1,0} fusion(%ag, %x), kind=kLoop, calls=%fused, metadata={op_name="jit(train_step)/jvp(M)/decoder/layer_3/feed_forward/dot"}
+  ROOT %t = (s32[], f32[64,128]{1,0}) tuple(%i, %y)
+}
+
+%all-reduce-scatter.1 (a: f32[64,128]) -> f32[16,128] {
+  %a = f32[64,128]{1,0} parameter(0)
+  ROOT %ar = f32[64,128]{1,0} all-reduce(%a), replica_groups=[2,4]<=[8]
+}
+
+ENTRY %main (w: f32[64,128]) -> f32[16,128] {
+  %w = f32[64,128]{1,0} parameter(0)
+  %loop = (s32[], f32[64,128]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"6"}}
+  %g = f32[64,128]{1,0} get-tuple-element(%loop), index=1
+  %ars = f32[16,128]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.1
+  %cp = f32[64,128]{1,0} copy-start(%g)
+  ROOT %done = f32[16,128]{1,0} all-reduce(%ars), replica_groups={{0,1,2,3,4,5,6,7}}
+}
+"""
+
+
+def test_hlo_summary_counts_collectives_groups_and_loop_trips():
+    h = plan_lib.summarise_hlo(HLO, num_devices=8)
+    c = h.collectives
+    assert (c["all-gather"].count, c["reduce-scatter"].count, c["all-reduce"].count) == (1, 1, 1)
+    # The all-gather runs 6 times (the loop's trip count) over groups of 2 (axis_0): half its result each time.
+    assert c["all-gather"].ici_bytes == 6 * 128 * 128 * 4 / 2
+    assert c["reduce-scatter"].ici_bytes == 16 * 128 * 4 * 3  # iota groups of 4: (n - 1) shards sent
+    assert c["all-reduce"].ici_bytes == 2 * 16 * 128 * 4 * 7 / 8
+    sources = dict((name, b) for b, name in h.largest)
+    # The loop body's fusion: its operands and result, 6 times, labelled by where it comes from.
+    assert sources["decoder/layer_*/feed_forward/dot"] == 6 * (64 * 128 + 128 * 128 + 64 * 128) * 4

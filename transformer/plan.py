@@ -113,9 +113,11 @@ def _group_size(line: str, default: int) -> int:
     listed = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
     if listed:
         return len(listed.group(1).split(","))
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]", line)
-    if mesh:  # mesh['axis_0'=4,'axis_1'=1]: the group spans the listed axes
-        return math.prod(int(s) for s in re.findall(r"=(\d+)", mesh.group(1))) or default
+    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?: \{([^}]*)\})?", line)
+    if mesh:  # mesh['axis_0'=2,'axis_1'=4] {'axis_1'}: a group spans the axes in braces (all if none)
+        sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
+        axes = re.findall(r"'([^']+)'", mesh.group(2)) if mesh.group(2) else list(sizes)
+        return math.prod(int(sizes[a]) for a in axes if a in sizes) or default
     return default
 
 
@@ -151,7 +153,7 @@ def _source(line: str, opcode: str) -> str:
     backward = "transpose(" in path
     path = re.sub(r"\b(?:jit|jvp|transpose|checkpoint|remat)\(|\)", "", path)
     parts = [p for p in path.split("/") if p and p not in ("train_step", "eval_step", "translate")]
-    return "/".join(parts[-3:]) + (" (backward)" if backward else "")
+    return "/".join(parts[-4:]) + (" (backward)" if backward else "")
 
 
 def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] = ()) -> HloSummary:
@@ -207,16 +209,18 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
             if not m:
                 continue
             op, result = m.group(3).removesuffix("-start"), shapes.get(m.group(1), [])
-            kind = None
+            kind, group_line = None, line
             if op in COLLECTIVES:
                 kind = op
             elif op == "fusion" and re.search(r"calls=%all-reduce-scatter", line):
-                kind = "reduce-scatter"
+                kind = "reduce-scatter"  # its replica groups are on the all-reduce inside
+                callee = re.search(r"calls=%([\w.-]+)", line).group(1)
+                group_line = next((x for x in computations.get(callee, []) if "replica_groups=" in x), line)
             if kind:
                 c = collectives[kind]
                 c.count += 1
                 c.bytes += _bytes(result)
-                c.ici_bytes += times * _ici_bytes(kind, _bytes(result), _group_size(line, num_devices))
+                c.ici_bytes += times * _ici_bytes(kind, _bytes(result), _group_size(group_line, num_devices))
             if not top_level or op in ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
                                        "call", "conditional") or m.group(3).endswith("-start"):
                 continue
