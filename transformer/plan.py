@@ -172,7 +172,7 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
         elif current is not None and line.strip() and line.strip() != "}":
             computations[current].append(line)
 
-    shapes, calls, multiplier = {}, {}, collections.Counter()
+    shapes, multiplier = {}, collections.Counter()
     for name, lines in computations.items():
         for line in lines:
             m = _INSTRUCTION.match(line)
@@ -192,7 +192,6 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
                 trips = re.search(r"known_trip_count\W+n\W+(\d+)", line)
                 times = int(trips.group(1)) if (m.group(3) == "while" and trips) else 1
                 for callee in re.findall(r"(?:body|condition|to_apply|branch_computations=\{[^}]*)=?%([\w.-]+)", line):
-                    calls[callee] = True
                     multiplier[callee] = max(multiplier[callee], multiplier[name] * times)
 
     collectives = {k: Collective() for k in COLLECTIVES}
