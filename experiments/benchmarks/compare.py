@@ -1,0 +1,170 @@
+"""Our train step beside `torch.nn.Transformer`'s, same shapes, in one run; and the matmul peak.
+
+    pip install torch   # the CPU build is enough: pip install "torch==2.13.0+cpu" where it is offered
+    python -m experiments.benchmarks.compare
+    python -m experiments.benchmarks.compare --shapes=multi30k,base_32k --steps=3 --rounds=3
+
+Both sides train the paper's post-norm encoder-decoder with one shared embedding (scaled by
+sqrt(d_model)), sinusoidal positions and the tied output projection, on the same full rows of random
+tokens: forward, label-smoothed (0.1) cross entropy, backward, Adam (0.9, 0.98, 1e-9), dropout on,
+float32. Parameter counts are printed (torch's attention and its final norms carry biases ours do
+not: within 1%). Steps alternate between the two sides, `--rounds` times, and the median of each
+side counts, so drift on a shared machine hits both alike. FLOPs are the analytic matmul count of
+`transformer.metrics.flops_per_token`; the peak is the faster of the two frameworks' float32 matmul
+rates, measured here, now.
+"""
+
+import math
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from experiments import cli
+from experiments.configs import defaults
+from transformer import metrics, sharding, training
+
+# name: (vocab, d_model, heads, d_ff, layers per stack, batch, length, dropout)
+SHAPES = {
+    "multi30k": (8000, 128, 4, 256, 4, 64, 64, 0.2),
+    "base_8k": (8192, 512, 8, 2048, 6, 32, 64, 0.1),
+    "base_32k": (32000, 512, 8, 2048, 6, 32, 64, 0.1),
+    "big_32k": (32000, 1024, 16, 4096, 6, 8, 64, 0.3),
+}
+
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which shapes: {', '.join(SHAPES)}.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round and side.", lower_bound=1)
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ours, ...).", lower_bound=1)
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """float32 [n, n] @ [n, n] GFLOP/s of JAX (XLA) and of torch on this machine."""
+    import torch  # noqa: PLC0415
+
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        y = f(x)
+    y.block_until_ready()
+    jax_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    t = torch.ones((n, n))
+    t @ t
+    start = time.perf_counter()
+    for _ in range(repeats):
+        t @ t
+    torch_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    return jax_rate, torch_rate
+
+
+class Ours:
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout):
+        config = defaults.base_config()
+        config.model = defaults.model_fields("base")
+        config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
+                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length))
+        defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
+        config.optimizer.update(schedule="constant", learning_rate=1e-4)
+        model_cfg = training.model_config(config, vocab)
+        self.trainer = training.Trainer(config, model_cfg, sharding.make_mesh(data=-1))
+        self.state = self.trainer.init_state(0)
+        rng = np.random.default_rng(0)
+        rows = {k: rng.integers(2, vocab, size=(batch, length), dtype=np.int32) for k in ("inputs", "targets")}
+        self.batch = self.trainer.to_global(rows)
+        self.params = sum(x.size for x in jax.tree.leaves(self.state.params))
+        self.run(1)  # compile
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, out = self.trainer.train_step(self.state, self.batch)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / steps
+
+
+class Torch:
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout):
+        import torch  # noqa: PLC0415
+        from torch import nn  # noqa: PLC0415
+
+        torch.manual_seed(0)
+        self.torch, self.vocab, self.d_model = torch, vocab, d_model
+        self.embedding = nn.Embedding(vocab, d_model)
+        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
+        self.model = nn.Transformer(d_model, heads, layers, layers, d_ff, dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        position = torch.arange(length)[:, None]
+        scale = torch.exp(torch.arange(0, d_model, 2) * (-math.log(10000.0) / d_model))
+        self.positions = torch.zeros(length, d_model)
+        self.positions[:, 0::2], self.positions[:, 1::2] = torch.sin(position * scale), torch.cos(position * scale)
+        self.causal = nn.Transformer.generate_square_subsequent_mask(length)
+        modules = nn.ModuleList([self.embedding, self.model])
+        self.parameters = list(modules.parameters())
+        self.params = sum(p.numel() for p in self.parameters)
+        self.optimizer = torch.optim.Adam(self.parameters, lr=1e-4, betas=(0.9, 0.98), eps=1e-9)
+        rng = np.random.default_rng(0)
+        self.inputs, self.targets = (torch.from_numpy(rng.integers(2, vocab, size=(batch, length)).astype(np.int64))
+                                     for _ in range(2))
+        self.decoder_inputs = torch.nn.functional.pad(self.targets, (1, 0))[:, :-1]
+        modules.train()
+        self.run(1)
+
+    def _embed(self, ids):
+        return self.dropout(self.embedding(ids) * math.sqrt(self.d_model) + self.positions)
+
+    def run(self, steps: int) -> float:
+        torch = self.torch
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.optimizer.zero_grad(set_to_none=True)
+            hidden = self.model(self._embed(self.inputs), self._embed(self.decoder_inputs), tgt_mask=self.causal,
+                                tgt_is_causal=True)
+            logits = hidden @ self.embedding.weight.T
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), self.targets.reshape(-1),
+                                                     label_smoothing=0.1)
+            loss.backward()
+            self.optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+
+def main(argv):
+    del argv
+    import torch  # noqa: PLC0415
+
+    unknown = sorted(set(_SHAPES.value) - set(SHAPES))
+    if unknown:
+        raise cli.UserError(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}.")
+    jax_peak, torch_peak = matmul_gflops()
+    peak = max(jax_peak, torch_peak)
+    print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}; float32 matmul peak: "
+          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f})")
+    print("| shape | params ours / torch | ours tok/s | torch tok/s | ratio | ours GFLOP/s (of peak) | "
+          "torch GFLOP/s (of peak) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in _SHAPES.value:
+        vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
+        ours, theirs = Ours(*shape), Torch(*shape)
+        times = {"ours": [], "torch": []}
+        for _ in range(_ROUNDS.value):
+            times["ours"].append(ours.run(_STEPS.value))
+            times["torch"].append(theirs.run(_STEPS.value))
+        step = {k: statistics.median(v) for k, v in times.items()}
+        tokens = batch * length
+        flops = tokens * metrics.flops_per_token(
+            d_model=d_model, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers,
+            vocab_size=vocab, source_length=length, target_length=length)
+        rate = {k: flops / s / 1e9 for k, s in step.items()}
+        print(f"| {name} ({vocab}, {d_model}, {heads}, {d_ff}, {layers}+{layers}, {batch}x{length}) | "
+              f"{ours.params / 1e6:.2f}M / {theirs.params / 1e6:.2f}M | {tokens / step['ours']:,.0f} | "
+              f"{tokens / step['torch']:,.0f} | **{step['torch'] / step['ours']:.2f}x** | "
+              f"{rate['ours']:.0f} ({rate['ours'] / peak:.0%}) | {rate['torch']:.0f} ({rate['torch'] / peak:.0%}) |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    cli.run(main)
