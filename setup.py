@@ -31,6 +31,8 @@ setuptools.setup(
         # The TPU runtime and compiler: jax[tpu] pins the libtpu that matches jax. On any Linux x86-64
         # machine it also compiles for TPU topologies ahead of time (experiments.plan), no TPU needed.
         "tpu": ["jax[tpu]"],
+        # experiments.benchmarks.compare runs torch.nn.Transformer beside our model (the CPU build suffices).
+        "bench": ["torch>=2.4"],
         # The plan tests compile for TPU on the CPU, so the tests need libtpu too (Linux x86-64 only).
         "test": ["pytest>=8", "pytest-xdist>=3.6",
                  "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
