@@ -25,7 +25,7 @@ from absl import flags
 
 from experiments import cli
 from experiments.configs import defaults
-from transformer import metrics, sharding, training
+from transformer import metrics, runtime, sharding, training
 
 # name: (vocab, d_model, heads, d_ff, layers per stack, batch, length, dropout)
 SHAPES = {
@@ -38,6 +38,8 @@ SHAPES = {
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which shapes: {', '.join(SHAPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round and side.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ours, ...).", lower_bound=1)
+_PRNG = flags.DEFINE_enum("prng_impl", "", ["", "threefry2x32", "rbg", "unsafe_rbg"],
+                          "Our dropout masks' PRNG (jax_default_prng_impl; '' = JAX's default, threefry).")
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
@@ -138,10 +140,12 @@ def main(argv):
     unknown = sorted(set(_SHAPES.value) - set(SHAPES))
     if unknown:
         raise cli.UserError(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}.")
+    runtime.use_prng_impl(_PRNG.value)
     jax_peak, torch_peak = matmul_gflops()
     peak = max(jax_peak, torch_peak)
     print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}; float32 matmul peak: "
+          f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
+          f"{jax.config.jax_default_prng_impl}; float32 matmul peak: "
           f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f})")
     print("| shape | params ours / torch | ours tok/s | torch tok/s | ratio | ours GFLOP/s (of peak) | "
           "torch GFLOP/s (of peak) |")
