@@ -8,8 +8,9 @@ Both sides train the paper's post-norm encoder-decoder with one shared embedding
 sqrt(d_model)), sinusoidal positions and the tied output projection, on the same full rows of random
 tokens: forward, label-smoothed (0.1) cross entropy, backward, Adam (0.9, 0.98, 1e-9), dropout on,
 float32. torch's layers also drop attention weights and the feed-forward's hidden activations (ours
-drop sub-layer outputs and embedding sums, the paper's places): torch does more dropout work. Parameter counts are printed (torch's attention and its final norms carry biases ours do
-not: within 1%). Steps alternate between the two sides, `--rounds` times, and the median of each
+drop sub-layer outputs and embedding sums, the paper's places): torch does more dropout work.
+Parameter counts are printed (torch's attention and its final norms carry biases ours do not:
+within 1%). Steps alternate between the two sides, `--rounds` times, and the median of each
 side counts, so drift on a shared machine hits both alike. FLOPs are the analytic matmul count of
 `transformer.metrics.flops_per_token`; the peak is the faster of the two frameworks' float32 matmul
 rates, measured here, now.
