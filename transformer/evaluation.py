@@ -39,7 +39,7 @@ class Translator:
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive.")
         # Rows are split over the devices of the batch axes: round up to a multiple of their number.
-        multiple = _batch_shards(sharding)
+        multiple = batch_shards(sharding)
         self.batch_size = -(-batch_size // multiple) * multiple
         if self.batch_size != batch_size:
             logging.info("Decoding batches of %d rows (a multiple of the %d batch shards), not %d.", self.batch_size,
@@ -84,7 +84,7 @@ class Translator:
         return outputs
 
 
-def _batch_shards(sharding) -> int:
+def batch_shards(sharding) -> int:
     """How many ways `sharding` splits a batch's rows (1 without a NamedSharding)."""
     if not isinstance(sharding, jax.sharding.NamedSharding) or not len(sharding.spec) or sharding.spec[0] is None:
         return 1

@@ -26,7 +26,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from transformer import decoding, metrics, sharding, tokens, tpu
+from transformer import decoding, evaluation, metrics, sharding, tokens, tpu, training
 from transformer.run_config import TrainConfig, as_train_config
 
 HEADROOM = 0.95  # a program "fits" when it needs at most this share of the chip's HBM (the runtime keeps some)
@@ -295,12 +295,6 @@ def _compile(name: str, jitted, args, state, trainer, vocab_sizes) -> Program:
                    float(cost.get("bytes accessed", 0.0)), hlo)
 
 
-def _batch_shards(trainer) -> int:
-    spec = trainer.batch_sharding.spec[0]
-    axes = spec if isinstance(spec, tuple) else (spec,)
-    return math.prod(trainer.mesh.shape[a] for a in axes if a is not None)
-
-
 def _check_rows(what: str, rows: int, shards: int, grad_accum: int = 1):
     if rows % (shards * grad_accum):
         accum = f" x {grad_accum} gradient-accumulation micro-batches" if grad_accum > 1 else ""
@@ -346,8 +340,6 @@ class Plan:
 
 def plan(config, slice_: tpu.Slice, *, devices=None, programs=("train", "eval", "decode"), log=print) -> Plan:
     """Compiles `config`'s programs for `slice_` (devices: the slice's, from libtpu, unless given)."""
-    from transformer import training  # noqa: PLC0415 -- heavy, and it imports this module's callers
-
     run = as_train_config(config)
     devices = tpu.topology_devices(slice_) if devices is None else devices
     try:
@@ -356,7 +348,7 @@ def plan(config, slice_: tpu.Slice, *, devices=None, programs=("train", "eval", 
         raise PlanError(f"config.mesh does not fit {slice_}: {e}") from e
     model_cfg = run.model_config()
     trainer = training.Trainer(run, model_cfg, mesh)
-    shards = _batch_shards(trainer)
+    shards = evaluation.batch_shards(trainer.batch_sharding)
     devices_per_host = max(1, slice_.num_chips // slice_.num_hosts)
     if slice_.num_hosts > 1 and not run.data.synthetic and run.data.batching == "bucket":
         raise PlanError(f"config.data.batching='bucket' is single-host only and {slice_} has {slice_.num_hosts} "
@@ -441,7 +433,7 @@ def report(p: Plan) -> str:
         r = p.roofline(prog)
         lines.append(f"  roofline: compute {r['compute'] * 1e3:.2f} ms, HBM {r['hbm'] * 1e3:.2f} ms, "
                      f"ICI {r['ici'] * 1e3:.2f} ms -> {r['bound']}-bound")
-        if r["bound"] == "hbm" and prog.hlo.traffic_bytes and vocab_sizes_known(p):
+        if r["bound"] == "hbm" and prog.hlo.vocab_bytes:  # a vocabulary large enough to tell apart
             share = prog.hlo.vocab_bytes / prog.hlo.traffic_bytes
             top = "; ".join(f"{what} {b / 1e9:.2f} GB" for b, what in prog.hlo.largest[:4])
             lines.append(f"  HBM traffic (from the HLO, ~{prog.hlo.traffic_bytes / 1e9:.0f} GB): "
@@ -461,10 +453,6 @@ def report(p: Plan) -> str:
     if not p.all_fit:
         lines += ["", not_fit_message(p)]
     return "\n".join(lines)
-
-
-def vocab_sizes_known(p: Plan) -> bool:
-    return p.run.model.vocab_size >= 1024
 
 
 def not_fit_message(p: Plan) -> str:
