@@ -51,6 +51,25 @@ def test_no_smoothing_equals_optax_cross_entropy():
     np.testing.assert_allclose(loss_sum, jnp.sum(per_token * (targets != 0)), rtol=1e-5)
 
 
+def test_token_statistics_one_pass_matches_the_separate_definitions():
+    logits, targets = random_case(seed=2)
+    np.put_along_axis(logits[0, :3], targets[0, :3, None], 20.0, axis=-1)  # three sure hits
+    weights = (targets != 0).astype(np.float32) * np.linspace(0.5, 1.5, targets.size).reshape(targets.shape)
+    stats = jax.jit(losses.token_statistics, static_argnums=3)(logits, targets, weights, 0.1)
+    want_loss, want_weight = numpy_smoothed_kl(logits, targets, weights, 0.1)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    np.testing.assert_allclose(stats["loss_sum"], want_loss, rtol=1e-5)
+    np.testing.assert_allclose(stats["nll_sum"], np.sum(nll * weights), rtol=1e-5)
+    np.testing.assert_allclose(stats["correct_sum"], losses.weighted_accuracy(logits, targets, weights)[0], rtol=1e-6)
+    np.testing.assert_allclose(stats["weight_sum"], want_weight, rtol=1e-6)
+    assert 0 < float(stats["correct_sum"]) < float(stats["weight_sum"])  # some right, some wrong
+    # The max is shifted out under a stop_gradient: the gradient is still softmax - smoothed target.
+    grad = jax.grad(lambda x: losses.token_statistics(x, targets, None, 0.0)["loss_sum"])(logits)
+    want = jax.grad(lambda x: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * (targets != 0)))(
+        logits)
+    np.testing.assert_allclose(grad, want, atol=1e-6)
+
+
 def test_prediction_equal_to_smoothed_target_has_zero_loss():
     vocab, ls = 11, 0.1
     targets = np.array([[3, 5, 0]], np.int32)

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import masking, positional
+from transformer import masking, positional, precision
 from transformer.config import ATTENTION_KINDS
 
 IMPLEMENTATIONS = ATTENTION_KINDS  # the kernels of dot_product_attention, one per ModelConfig.attention
@@ -115,7 +115,7 @@ def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rn
     query = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, H]
     query = query * jnp.asarray(head_dim**-0.5, query.dtype)
     # attn_logits: [B, K, G, T, S], accumulated and normalised in float32.
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32)
+    logits = precision.einsum("BTKGH,BSKH->BKGTS", query, key, query.dtype, out_dtype=jnp.float32)
     if bias is not None:
         logits = logits + _group_heads(bias, num_kv_heads).astype(jnp.float32)
     if mask is not None:
@@ -126,7 +126,7 @@ def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rn
         weights = jnp.where(mask, weights, 0.0)  # a fully masked row attends to nothing
     if dropout_rate > 0.0:
         weights = _dropout(dropout_rng, weights, dropout_rate)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights.astype(value.dtype), value)
+    out = precision.einsum("BKGTS,BSKH->BTKGH", weights, value, value.dtype)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
@@ -176,7 +176,7 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
     @jax.checkpoint  # recompute each block's probabilities in the backward pass instead of storing them
     def step(carry, block):
         running_max, denominator, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
-        logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, block["key"], preferred_element_type=jnp.float32)
+        logits = precision.einsum("BTKGH,BSKH->BKGTS", query, block["key"], query.dtype, out_dtype=jnp.float32)
         if "bias" in block:
             logits = logits + block["bias"]
         logits = jnp.where(block["mask"], logits, _MASKED)
@@ -187,8 +187,8 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
         if dropout_rate > 0.0:
             # Dropping unnormalised weights equals dropping normalised ones: the row scale is shared.
             probs = _dropout(jax.random.fold_in(dropout_rng, block["index"]), probs, dropout_rate)
-        acc = acc * correction[..., None] + jnp.einsum(
-            "BKGTS,BSKH->BKGTH", probs.astype(value.dtype), block["value"], preferred_element_type=jnp.float32)
+        acc = acc * correction[..., None] + precision.einsum(
+            "BKGTS,BSKH->BKGTH", probs, block["value"], value.dtype, out_dtype=jnp.float32)
         return (new_max, denominator, acc), None
 
     stats_shape = (batch, num_kv_heads, groups, q_len)
@@ -311,16 +311,16 @@ class MultiHeadAttention(nn.Module):
         """
         num_kv_heads = self.num_kv_heads or self.num_heads
         d_model = inputs_q.shape[-1]
-        param = functools.partial(dense_kernel, self, dtype=self.dtype)
+        param = functools.partial(dense_kernel, self)
         w_q = param("query", (d_model, self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), 0, (1, 2))
         w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"), (0, 1), 2)
 
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
-        query = jnp.einsum("BTD,DNH->BTNH", inputs_q, w_q)
-        key = jnp.einsum("BSD,DKH->BSKH", inputs_kv, w_k)
-        value = jnp.einsum("BSD,DKH->BSKH", inputs_kv, w_v)
+        query = precision.einsum("BTD,DNH->BTNH", inputs_q, w_q, self.dtype)
+        key = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_k, self.dtype)
+        value = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_v, self.dtype)
         if self.use_rope:
             query = positional.apply_rope(query, query_positions)
             key = positional.apply_rope(key, key_positions)
@@ -337,7 +337,7 @@ class MultiHeadAttention(nn.Module):
         out = dot_product_attention(
             query, key, value, mask, bias, implementation=self.implementation, dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng, chunk_size=self.chunk_size)  # [B, T, N, H]
-        out = jnp.einsum("BTNH,NHD->BTD", out, w_o)
+        out = precision.einsum("BTNH,NHD->BTD", out, w_o, self.dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
     def _update_cache(self, key, value, decode_index):
@@ -357,9 +357,9 @@ class MultiHeadAttention(nn.Module):
         return cached_key.value, cached_value.value
 
 
-def dense_kernel(module, name, shape, axes, in_axis=-2, out_axis=-1, *, dtype):
+def dense_kernel(module, name, shape, axes, in_axis=-2, out_axis=-1):
     """The one way this package makes a weight matrix: a float32 parameter `name` of `shape`,
-    Glorot-uniform over (`in_axis`, `out_axis`), annotated with logical `axes`, cast to `dtype`."""
+    Glorot-uniform over (`in_axis`, `out_axis`), annotated with logical `axes`. Left in float32:
+    `precision.einsum` casts it for the product, and its gradient comes back float32."""
     init = nn.initializers.xavier_uniform(in_axis=in_axis, out_axis=out_axis)
-    kernel = module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-    return kernel.astype(dtype)
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)

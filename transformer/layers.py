@@ -15,6 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from transformer import precision
 from transformer.attention import MultiHeadAttention, dense_kernel
 from transformer.config import ModelConfig
 
@@ -48,8 +49,8 @@ class FeedForward(nn.Module):
 
 def dense(module, name, x, features, axes, use_bias, *, bias_name=None):
     """x [..., in] @ W [in, out] (+ b): float32 parameters of `module`, computed in x's dtype."""
-    kernel = dense_kernel(module, name, (x.shape[-1], features), axes, dtype=x.dtype)
-    y = jnp.einsum("...i,io->...o", x, kernel)
+    kernel = dense_kernel(module, name, (x.shape[-1], features), axes)
+    y = precision.einsum("...i,io->...o", x, kernel, x.dtype)
     if use_bias:
         bias = module.param(bias_name or f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                             (features,))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer import masking, positional
+from transformer import masking, positional, precision
 from transformer.config import ModelConfig
 from transformer.layers import DecoderLayer, Dense, EncoderLayer, make_norm
 from transformer.tokens import PAD_ID
@@ -55,7 +55,7 @@ class Embed(nn.Module):
 
     def attend(self, x):
         """Pre-softmax projection with the shared weights: [B, T, D] -> logits [B, T, V]."""
-        return jnp.einsum("BTD,VD->BTV", x, self.embedding.astype(x.dtype))
+        return precision.einsum("BTD,VD->BTV", x, self.embedding, x.dtype, out_dtype=jnp.float32)
 
 
 def _default_positions(tokens, positions):

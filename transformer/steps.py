@@ -57,10 +57,8 @@ def loss_fn(params, batch, rng, *, model, objective, label_smoothing, determinis
                                                   mask_id=mask_id)
     logits = model.apply({"params": params}, *args, **kwargs, deterministic=deterministic,
                          rngs=None if deterministic else {"dropout": dropout_rng})
-    loss_sum, weight_sum = losses.cross_entropy_with_label_smoothing(logits, targets, weights, label_smoothing)
-    nll_sum, _ = losses.cross_entropy_with_label_smoothing(logits, targets, weights, 0.0)
-    correct_sum, _ = losses.weighted_accuracy(logits, targets, weights)
-    return loss_sum, dict(weight_sum=weight_sum, correct_sum=correct_sum, nll_sum=nll_sum)
+    stats = losses.token_statistics(logits, targets, weights, label_smoothing)
+    return stats.pop("loss_sum"), stats
 
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, objective, label_smoothing, grad_accum_steps,

@@ -40,23 +40,27 @@ SHAPES = {
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which shapes: {', '.join(SHAPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round and side.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ours, ...).", lower_bound=1)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "Compute dtype of both sides: ours ModelConfig.dtype (float32 master weights, "
+                           "bf16 x bf16 -> f32 products), torch's torch.autocast(dtype=...).")
 _PRNG = flags.DEFINE_enum("prng_impl", "", ["", "threefry2x32", "rbg", "unsafe_rbg"],
                           "Our dropout masks' PRNG (jax_default_prng_impl; '' = JAX's default, threefry).")
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
-    """float32 [n, n] @ [n, n] GFLOP/s of JAX (XLA) and of torch on this machine."""
+def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+    """[n, n] @ [n, n] GFLOP/s of JAX (XLA) and of torch on this machine, in `dtype` (bfloat16:
+    JAX accumulates in float32, as our layers do)."""
     import torch  # noqa: PLC0415
 
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     f(x).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):
         y = f(x)
     y.block_until_ready()
     jax_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
-    t = torch.ones((n, n))
+    t = torch.ones((n, n), dtype=getattr(torch, dtype))
     t @ t
     start = time.perf_counter()
     for _ in range(repeats):
@@ -66,11 +70,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> tuple[float, float]:
 
 
 class Ours:
-    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout):
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32"):
         config = defaults.base_config()
         config.model = defaults.model_fields("base")
         config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
-                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length))
+                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype)
         defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
         config.optimizer.update(schedule="constant", learning_rate=1e-4)
         model_cfg = training.model_config(config, vocab)
@@ -91,12 +95,14 @@ class Ours:
 
 
 class Torch:
-    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout):
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32"):
         import torch  # noqa: PLC0415
         from torch import nn  # noqa: PLC0415
 
         torch.manual_seed(0)
         self.torch, self.vocab, self.d_model = torch, vocab, d_model
+        self.autocast = dtype != "float32"
+        self.dtype = getattr(torch, dtype)
         self.embedding = nn.Embedding(vocab, d_model)
         nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
         self.model = nn.Transformer(d_model, heads, layers, layers, d_ff, dropout, batch_first=True)
@@ -125,10 +131,11 @@ class Torch:
         start = time.perf_counter()
         for _ in range(steps):
             self.optimizer.zero_grad(set_to_none=True)
-            hidden = self.model(self._embed(self.inputs), self._embed(self.decoder_inputs), tgt_mask=self.causal,
-                                tgt_is_causal=True)
-            logits = hidden @ self.embedding.weight.T
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, self.vocab), self.targets.reshape(-1),
+            with torch.autocast("cpu", dtype=self.dtype, enabled=self.autocast):
+                hidden = self.model(self._embed(self.inputs), self._embed(self.decoder_inputs), tgt_mask=self.causal,
+                                    tgt_is_causal=True)
+                logits = hidden @ self.embedding.weight.T
+            loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, self.vocab), self.targets.reshape(-1),
                                                      label_smoothing=0.1)
             loss.backward()
             self.optimizer.step()
@@ -143,18 +150,18 @@ def main(argv):
     if unknown:
         raise cli.UserError(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}.")
     runtime.use_prng_impl(_PRNG.value)
-    jax_peak, torch_peak = matmul_gflops()
+    jax_peak, torch_peak = matmul_gflops(_DTYPE.value)
     peak = max(jax_peak, torch_peak)
     print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
-          f"{jax.config.jax_default_prng_impl}; float32 matmul peak: "
+          f"{jax.config.jax_default_prng_impl}; {_DTYPE.value} matmul peak: "
           f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f})")
     print("| shape | params ours / torch | ours tok/s | torch tok/s | ratio | ours GFLOP/s (of peak) | "
           "torch GFLOP/s (of peak) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name in _SHAPES.value:
         vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
-        ours, theirs = Ours(*shape), Torch(*shape)
+        ours, theirs = Ours(*shape, dtype=_DTYPE.value), Torch(*shape, dtype=_DTYPE.value)
         times = {"ours": [], "torch": []}
         for _ in range(_ROUNDS.value):
             times["ours"].append(ours.run(_STEPS.value))

@@ -1,0 +1,89 @@
+"""precision.einsum: float32 is jnp.einsum; bfloat16 has float32 accumulation and true gradients."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer import precision
+
+# (spec, first operand shape, second operand shape): the contractions the layers use.
+SPECS = [
+    ("BTD,DF->BTF", (2, 3, 8), (8, 16)),  # feed-forward, dense
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 2, 4)),  # query projection
+    ("BTNH,NHD->BTD", (2, 3, 2, 4), (2, 4, 8)),  # output projection
+    ("BTD,VD->BTV", (2, 3, 8), (12, 8)),  # tied embedding logits: the weight gradient is transposed
+    ("BTKGH,BSKH->BKGTS", (2, 3, 1, 2, 4), (2, 5, 1, 4)),  # attention logits: a batch axis
+    ("...i,io->...o", (2, 3, 8), (8, 4)),
+]
+
+
+def _operands(shape_x, shape_y, seed=0):
+    kx, ky = jax.random.split(jax.random.PRNGKey(seed))
+    return jax.random.normal(kx, shape_x), jax.random.normal(ky, shape_y)
+
+
+def _loss(fn, x, y, probe):
+    return jnp.sum(fn(x, y).astype(jnp.float32) * probe)
+
+
+@pytest.mark.parametrize("spec,shape_x,shape_y", SPECS)
+def test_float32_is_plain_einsum_values_and_gradients(spec, shape_x, shape_y):
+    x, y = _operands(shape_x, shape_y)
+    expected = jnp.einsum(spec, x, y)
+    np.testing.assert_allclose(precision.einsum(spec, x, y), expected, rtol=1e-6, atol=1e-6)
+    probe = jax.random.normal(jax.random.PRNGKey(1), expected.shape)
+    got = jax.grad(_loss, argnums=(1, 2))(lambda a, b: precision.einsum(spec, a, b), x, y, probe)
+    want = jax.grad(_loss, argnums=(1, 2))(lambda a, b: jnp.einsum(spec, a, b), x, y, probe)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec,shape_x,shape_y", SPECS)
+def test_bfloat16_values_and_gradients_match_float32_to_bfloat16_precision(spec, shape_x, shape_y):
+    x, y = _operands(shape_x, shape_y)
+    out = precision.einsum(spec, x, y, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    # Products of bf16-rounded operands, summed in float32, then rounded once.
+    exact = jnp.einsum(spec, x.astype(jnp.bfloat16).astype(jnp.float32), y.astype(jnp.bfloat16).astype(jnp.float32))
+    np.testing.assert_allclose(out.astype(jnp.float32), exact, rtol=1e-2, atol=1e-2)
+
+    probe = jax.random.normal(jax.random.PRNGKey(1), out.shape)
+    got = jax.grad(_loss, argnums=(1, 2))(lambda a, b: precision.einsum(spec, a, b, jnp.bfloat16), x, y, probe)
+    want = jax.grad(_loss, argnums=(1, 2))(lambda a, b: jnp.einsum(spec, a, b), x, y, probe)
+    for g, w in zip(got, want):
+        assert g.dtype == jnp.float32 and g.shape == w.shape  # float32 master weights get float32 gradients
+        scale = float(jnp.max(jnp.abs(w)))
+        np.testing.assert_allclose(g, w, atol=3e-2 * scale)
+
+
+def test_bfloat16_operands_get_bfloat16_gradients_and_out_dtype_is_honoured():
+    x, y = _operands((2, 3, 8), (8, 4))
+    x16 = x.astype(jnp.bfloat16)
+    assert precision.einsum("BTD,DF->BTF", x16, y, jnp.bfloat16, out_dtype=jnp.float32).dtype == jnp.float32
+    gx, gy = jax.grad(lambda a, b: jnp.sum(precision.einsum("BTD,DF->BTF", a, b, jnp.bfloat16)), argnums=(0, 1))(x16, y)
+    assert gx.dtype == jnp.bfloat16 and gy.dtype == jnp.float32
+
+
+def test_weight_gradient_layouts_equal_the_plain_einsum():
+    # The reordered product (activations transposed, result transposed by a split copy) is exact.
+    for spec, shape_x, shape_y in SPECS[:4]:
+        lhs, rest = spec.split(",")
+        rhs, out = rest.split("->")
+        x, y = _operands(shape_x, shape_y)
+        g = jnp.einsum(spec, x, y)
+        np.testing.assert_allclose(precision._weight_gradient(lhs, rhs, out, x, g),
+                                   jnp.einsum(f"{lhs},{out}->{rhs}", x, g), rtol=1e-5, atol=1e-5)
+
+
+def test_copying_transpose_is_a_transpose():
+    x = jnp.arange(6 * 5 * 4, dtype=jnp.float32).reshape(6, 5, 4)
+    for perm in ([1, 0, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]):
+        np.testing.assert_array_equal(precision._copying_transpose(x, perm), jnp.transpose(x, perm))
+    np.testing.assert_array_equal(precision._copying_transpose(x[:5], [1, 0, 2]), jnp.transpose(x[:5], [1, 0, 2]))
+
+
+def test_an_axis_summed_inside_one_operand_is_refused():
+    x, y = _operands((2, 3), (3, 4))
+    with pytest.raises(ValueError, match="every axis of the first operand"):
+        precision.einsum("ab,bc->c", x, y, jnp.bfloat16)

@@ -1,0 +1,130 @@
+"""Mixed-precision matrix products: 16-bit operands, float32 accumulation, in both passes.
+
+`einsum(spec, x, y, dtype)` is the one contraction of this package's layers. In float32 it is
+`jnp.einsum`. In bfloat16 (or float16) both operands are cast to `dtype`, products accumulate in
+float32, and the result is returned in `dtype`; its backward pass does the same for the two
+gradient products, with the incoming gradient cast to `dtype`. Parameters stay float32 (their
+gradients come back float32), so this is the usual recipe: 16-bit compute, float32 master weights.
+
+Why a custom VJP: JAX's transpose of a dot with `preferred_element_type=float32` multiplies a float32
+cotangent by a 16-bit operand, which XLA promotes to a float32 product, so the backward pass would
+run at float32 speed. On CPUs with AMX or AVX-512 BF16, XLA's bf16 x bf16 -> f32 kernels run 3-5x
+faster than float32 ones (`experiments/benchmarks/compare.py --matmul_only` measures it); on TPU
+and GPU this is what their matrix units do anyway.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+
+
+def einsum(spec: str, x, y, dtype=jnp.float32, out_dtype=None):
+    """`jnp.einsum(spec, x, y)` computed in `dtype` with float32 accumulation.
+
+    `spec` names every axis ("BTD,DNH->BTNH"; a "..." is allowed on the first operand and the
+    output), and each input axis appears in the other input or the output, so that both gradients
+    are einsums of the same kind. The result is in `out_dtype` (default `dtype`): float32 where a
+    softmax or a loss follows.
+    """
+    dtype = jnp.dtype(dtype)
+    out_dtype = dtype if out_dtype is None else jnp.dtype(out_dtype)
+    if dtype == jnp.float32:
+        return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32).astype(out_dtype)
+    spec = _expand_ellipsis(spec, x.ndim)
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    for name, axes, others in (("first", lhs, rhs + out), ("second", rhs, lhs + out)):
+        if any(axis not in others for axis in axes):
+            raise ValueError(f"einsum {spec!r}: every axis of the {name} operand must appear in the other "
+                             "operand or the output (sum it out before the product).")
+    return _mixed_einsum(spec, dtype, out_dtype, x, y)
+
+
+def _expand_ellipsis(spec: str, ndim: int) -> str:
+    """'...i,io->...o' with a 3-d first operand -> 'abi,io->abo' (letters not in `spec`)."""
+    if "..." not in spec:
+        return spec
+    lhs = spec.split(",")[0]
+    free = [c for c in string.ascii_letters if c not in spec]
+    return spec.replace("...", "".join(free[:ndim - (len(lhs) - 3)]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _mixed_einsum(spec, dtype, out_dtype, x, y):
+    return _product(spec, dtype, out_dtype, x, y)
+
+
+def _product(spec, dtype, out_dtype, x, y):
+    out = jnp.einsum(spec, x.astype(dtype), y.astype(dtype), preferred_element_type=jnp.float32)
+    return out.astype(out_dtype)
+
+
+def _forward(spec, dtype, out_dtype, x, y):
+    x16, y16 = x.astype(dtype), y.astype(dtype)
+    # The residuals are the 16-bit operands (half the memory of float32 ones); the zero-size
+    # arrays carry the operands' own dtypes, which their gradients must take.
+    return _product(spec, dtype, out_dtype, x16, y16), (x16, y16, jnp.zeros((0,), x.dtype), jnp.zeros((0,), y.dtype))
+
+
+def _backward(spec, dtype, out_dtype, residuals, grad):
+    x16, y16, x_like, y_like = residuals
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    grad = grad.astype(dtype)
+    # d/dx sum(g * einsum(x, y)) = einsum(g, y) over the axes x lacks, and likewise for y.
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", grad, y16, preferred_element_type=jnp.float32)
+    dy = _weight_gradient(lhs, rhs, out, x16, grad)
+    return dx.astype(x_like.dtype), dy.astype(y_like.dtype)
+
+
+def _weight_gradient(lhs, rhs, out, x, grad):
+    """einsum(f"{lhs},{out}->{rhs}", x, grad) with float32 accumulation.
+
+    The common case is a weight's gradient, a sum over the leading batch and length axes of both
+    the activations x [B, T, D] and the gradient g [B, T, F]: W' = x^T g. XLA's CPU kernels
+    (XNNPACK) have no fast form of a product contracting the leading axis of its first operand, and
+    left to itself XLA transposes whichever operand it likes, often the larger g (the [B*T, V]
+    logits' gradient). So x, the smaller, is transposed here, to [D, B*T]; merging B and T into
+    one axis makes the transpose a real copy that XLA keeps, and the product a plain
+    [D, B*T] @ [B*T, F] one.
+    """
+    contracted = "".join(a for a in lhs if a in out and a not in rhs)
+    rest_x = "".join(a for a in lhs if a not in contracted)
+    rest_g = out[len(contracted):]
+    if not contracted or not rest_x or not out.startswith(contracted) or any(a in lhs for a in rest_g):
+        return jnp.einsum(f"{lhs},{out}->{rhs}", x, grad, preferred_element_type=jnp.float32)
+    sizes = dict(zip(lhs, x.shape)) | dict(zip(out, grad.shape))
+    size = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
+    x_t = jnp.transpose(x, [lhs.index(a) for a in rest_x + contracted]).reshape(size(rest_x), size(contracted))
+    product = jnp.dot(x_t, grad.reshape(size(contracted), size(rest_g)), preferred_element_type=jnp.float32)
+    product = product.reshape([sizes[a] for a in rest_x + rest_g])
+    perm = [(rest_x + rest_g).index(a) for a in rhs]
+    if perm == sorted(perm):
+        return product
+    return _copying_transpose(product, perm)
+
+
+def _copying_transpose(x, perm):
+    """jnp.transpose(x, perm) that XLA cannot fold into the product that made x.
+
+    XLA turns transpose(dot(a, b)) into a dot with swapped operands, which on CPU can be a form its
+    fast kernels lack. Splitting the first axis in two, transposing, and merging the halves again
+    computes the same array but is no longer a plain transpose of the dot.
+    """
+    first = x.shape[0]
+    split = next((k for k in range(2, first) if first % k == 0), None)
+    if split is None:
+        return jnp.transpose(x, perm)
+    parts = x.reshape(split, first // split, *x.shape[1:])
+    where = perm.index(0)  # the split axis lands where axis 0 goes, its halves side by side
+    parts_perm = [p + 1 for p in perm[:where]] + [0, 1] + [p + 1 for p in perm[where + 1:]]
+    out = jnp.transpose(parts, parts_perm)
+    return out.reshape([x.shape[p] for p in perm])
+
+
+_mixed_einsum.defvjp(_forward, _backward)
