@@ -180,3 +180,43 @@ def test_mlm_is_deterministic_in_rng():
     other = mask_jit(jax.random.key(4), tokens)
     chex.assert_trees_all_equal(first, again)
     assert not np.array_equal(first[0], other[0])
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 6, 7, 1000])  # one position per block, uneven, whole
+def test_projected_statistics_equal_those_of_the_full_logits(chunk_tokens):
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(3, 7, 5)).astype(np.float32)
+    projection = rng.normal(size=(11, 5)).astype(np.float32)
+    _, targets = random_case(seed=3)
+    weights = (targets != 0).astype(np.float32)
+
+    def full(f, p):
+        return losses.token_statistics(jnp.einsum("BTD,VD->BTV", f, p), targets, weights, 0.1)
+
+    def fused(f, p):
+        return losses.projected_token_statistics(f, p, targets, weights, 0.1, chunk_tokens=chunk_tokens)
+
+    got, want = jax.jit(fused)(features, projection), full(features, projection)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, err_msg=key)
+    grads = jax.grad(lambda f, p: fused(f, p)["loss_sum"] * 0.5, argnums=(0, 1))(features, projection)
+    want_grads = jax.grad(lambda f, p: full(f, p)["loss_sum"] * 0.5, argnums=(0, 1))(features, projection)
+    for g, w in zip(grads, want_grads):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_projected_statistics_in_bfloat16_are_close_to_float32():
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(3, 7, 16)).astype(np.float32)
+    projection = rng.normal(size=(11, 16)).astype(np.float32) * 0.3
+    _, targets = random_case(seed=4)
+
+    def loss(f, p, dtype):
+        return losses.projected_token_statistics(f, p, targets, None, 0.1, dtype=dtype, chunk_tokens=6)["loss_sum"]
+
+    np.testing.assert_allclose(loss(features, projection, jnp.bfloat16), loss(features, projection, jnp.float32),
+                               rtol=2e-2)
+    g16 = jax.grad(loss, argnums=1)(features, projection, jnp.bfloat16)
+    g32 = jax.grad(loss, argnums=1)(features, projection, jnp.float32)
+    assert g16.dtype == jnp.float32
+    np.testing.assert_allclose(g16, g32, atol=3e-2 * float(jnp.max(jnp.abs(g32))))

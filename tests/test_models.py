@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import transformer as tfm
+from transformer import decoding
 
 VOCAB = 40
 POSITIONS = ("sinusoidal", "learned", "rope", "relative", "alibi")
@@ -138,6 +139,23 @@ def test_cached_decoding_matches_full_forward_encoder_decoder(position):
     encoded = model.apply({"params": params}, inputs, method=model.encode)
     stepped = decode_step_by_step(model, params, tfm.shift_right(targets), encoded, inputs)
     np.testing.assert_allclose(stepped, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_decoding_projects_the_encoder_keys_once(scan_layers):
+    # The encoder-decoder attention's keys and values are made with the cache and read back: later
+    # steps give the same logits with the encoder output replaced by zeros.
+    model, params, _ = built(tfm.EncoderDecoder, tiny(scan_layers=scan_layers))
+    inputs = jnp.array([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]])
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    cache = decoding.init_cache(model, params, 4, 2, encoded, inputs)
+    names = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(cache)}
+    assert any("cross_attention" in n and "static_key" in n for n in names)
+    assert not any("self_attention" in n and "static_key" in n for n in names)
+    token = jnp.array([[0], [0]])
+    with_encoded = decoding.encoder_decoder_step_fn(model, params, encoded, inputs)(token, cache)[0]
+    with_zeros = decoding.encoder_decoder_step_fn(model, params, jnp.zeros_like(encoded), inputs)(token, cache)[0]
+    np.testing.assert_array_equal(with_zeros, with_encoded)
 
 
 @pytest.mark.parametrize("overrides", [dict(position="rope", num_kv_heads=2), dict(scan_layers=True, position="alibi"),
@@ -273,3 +291,34 @@ def test_splash_attention_model_matches_reference_on_packed_padded_rows(model_cl
         targets = tokens(4, (2, 7))
         stepped = decode_step_by_step(splash, params, tfm.shift_right(targets))
         np.testing.assert_allclose(stepped, model.apply({"params": params}, targets), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused output projection and loss (ModelConfig.loss_block_tokens).
+
+
+@pytest.mark.parametrize("objective,tied", [("translation", True), ("translation", False), ("lm", True),
+                                            ("mlm", False)])
+def test_fused_loss_equals_the_loss_of_the_full_logits(objective, tied):
+    from transformer import steps  # noqa: PLC0415
+
+    cfg = tiny(tie_output=tied, share_embeddings=tied)
+    model_cls = steps.MODELS[objective]
+    model, params, _ = built(model_cls, cfg)
+    batch = {"inputs": tokens(1, (2, 8)), "targets": tokens(2, (2, 8)).at[1, 5:].set(0)}
+    rng = jax.random.key_data(jax.random.key(3))
+
+    def loss(params, block_tokens):
+        m = model_cls(cfg.replace(loss_block_tokens=block_tokens))
+        return steps.loss_fn(params, batch, rng, model=m, objective=objective, label_smoothing=0.1,
+                             deterministic=True, mask_id=VOCAB - 1)
+
+    (full, full_stats), full_grads = jax.value_and_grad(loss, has_aux=True)(params, 0)
+    (fused, fused_stats), fused_grads = jax.value_and_grad(loss, has_aux=True)(params, 4)
+    np.testing.assert_allclose(fused, full, rtol=1e-5)
+    for key in full_stats:
+        np.testing.assert_allclose(fused_stats[key], full_stats[key], rtol=1e-5, err_msg=key)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(full_grads)]
+    assert any("embedding" in p for p in paths) and (tied or any("logits" in p for p in paths))
+    for path, got, want in zip(paths, jax.tree.leaves(fused_grads), jax.tree.leaves(full_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=path)

@@ -79,8 +79,8 @@ def test_weight_gradient_layouts_equal_the_plain_einsum():
 def test_copying_transpose_is_a_transpose():
     x = jnp.arange(6 * 5 * 4, dtype=jnp.float32).reshape(6, 5, 4)
     for perm in ([1, 0, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]):
-        np.testing.assert_array_equal(precision._copying_transpose(x, perm), jnp.transpose(x, perm))
-    np.testing.assert_array_equal(precision._copying_transpose(x[:5], [1, 0, 2]), jnp.transpose(x[:5], [1, 0, 2]))
+        np.testing.assert_array_equal(precision.copying_transpose(x, perm), jnp.transpose(x, perm))
+    np.testing.assert_array_equal(precision.copying_transpose(x[:5], [1, 0, 2]), jnp.transpose(x[:5], [1, 0, 2]))
 
 
 def test_an_axis_summed_inside_one_operand_is_refused():

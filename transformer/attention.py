@@ -301,13 +301,16 @@ class MultiHeadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, inputs_q, inputs_kv, *, mask=None, bias=None, query_positions=None, key_positions=None,
-                 deterministic: bool = True, decode: bool = False, decode_index=None):
+                 deterministic: bool = True, decode: bool = False, decode_index=None, static_kv: bool = False):
         """[B, T, D] queries attend to [B, S, D] keys/values -> [B, T, D].
 
         Args:
           mask, bias: broadcastable to [B, N, T, S] (S = cache length when decoding).
           query_positions, key_positions: [B, T], [B, S] int, used by RoPE.
           decode: write this call's keys/values into the cache at `decode_index` (a scalar).
+          static_kv: with `decode`, `inputs_kv` is the same at every step (encoder-decoder
+            attention): its keys and values are projected once, when the cache is made, and read
+            from the cache afterwards.
         """
         num_kv_heads = self.num_kv_heads or self.num_heads
         d_model = inputs_q.shape[-1]
@@ -319,8 +322,12 @@ class MultiHeadAttention(nn.Module):
 
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
         query = precision.einsum("BTD,DNH->BTNH", inputs_q, w_q, self.dtype)
-        key = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_k, self.dtype)
-        value = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_v, self.dtype)
+        if decode and static_kv:
+            key, value = self._static_keys_values(inputs_kv, w_k, w_v)
+            decode = False  # nothing to append: the keys are the encoder's, the same at every step
+        else:
+            key = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_k, self.dtype)
+            value = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_v, self.dtype)
         if self.use_rope:
             query = positional.apply_rope(query, query_positions)
             key = positional.apply_rope(key, key_positions)
@@ -339,6 +346,16 @@ class MultiHeadAttention(nn.Module):
             dropout_rng=dropout_rng, chunk_size=self.chunk_size)  # [B, T, N, H]
         out = precision.einsum("BTNH,NHD->BTD", out, w_o, self.dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
+
+    def _static_keys_values(self, inputs_kv, w_k, w_v):
+        """Keys and values [B, S, K, H] of `inputs_kv`, projected when the cache is made (the first
+        decoding call, `decoding.init_cache`), read back from it at every later step."""
+        def project(w):  # called only while the cache is made
+            return lambda: precision.einsum("BSD,DKH->BSKH", inputs_kv, w, self.dtype)
+
+        key = self.variable("cache", "static_key", project(w_k))
+        value = self.variable("cache", "static_value", project(w_v))
+        return key.value, value.value
 
     def _update_cache(self, key, value, decode_index):
         """Writes [B, T, K, H] keys/values at `decode_index`; returns the whole cache [B, S, K, H].

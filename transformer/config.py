@@ -47,6 +47,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype; parameters are always float32
     scan_layers: bool = False  # nn.scan over identical layers: one compiled layer, faster compiles
     remat: bool = False  # rematerialise each layer in the backward pass: less memory, ~1/3 more compute
+    # Training and evaluation losses: 0 = from the whole [B, T, V] logits; N > 0 = the output
+    # projection and the loss fused, N positions at a time (losses.projected_token_statistics).
+    loss_block_tokens: int = 0
 
     def __post_init__(self):
         _check_positive(self, "vocab_size", "d_model", "d_ff", "num_heads", "max_len", "attention_chunk_size")
@@ -60,6 +63,7 @@ class ModelConfig:
                 raise ValueError(
                         f"ModelConfig.num_kv_heads={self.num_kv_heads} must be a positive divisor of "
                         f"num_heads={self.num_heads} (or None for ordinary multi-head attention).")
+        _check_non_negative(self, "loss_block_tokens")
         for name in ("dropout_rate", "attention_dropout_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:

@@ -144,7 +144,8 @@ class DecoderLayer(nn.Module):
         if self.cross_attention:
             cross_attention = _attention(cfg, "cross_attention", use_rope=False)
             y = residual(cfg, "cross_attention", y, lambda h: cross_attention(
-                h, encoded, mask=cross_mask, deterministic=deterministic), deterministic)
+                h, encoded, mask=cross_mask, deterministic=deterministic, decode=decode, static_kv=True),
+                deterministic)
         y = residual(cfg, "feed_forward", y, _feed_forward(cfg), deterministic)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         return (y, None) if self.scanned else y

@@ -8,12 +8,15 @@ Legend: B batch, T length, V vocab. Token id 0 is padding.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from transformer import precision
 
 
 def default_weights(targets, weights=None):
@@ -72,6 +75,96 @@ def token_statistics(logits, targets, weights=None, label_smoothing: float = 0.1
     correct = (target_shifted >= 0.0).astype(jnp.float32)  # the target's logit is the maximum
     return dict(loss_sum=jnp.sum((cross_entropy - normalizing_constant) * weights),
                 nll_sum=jnp.sum(nll * weights), correct_sum=jnp.sum(correct * weights), weight_sum=jnp.sum(weights))
+
+
+def projected_token_statistics(features, projection, targets, weights=None, label_smoothing: float = 0.1, *,
+                               dtype=jnp.float32, chunk_tokens: int = 512) -> dict:
+    """`token_statistics` of the logits `features @ projection^T`, never holding all of them.
+
+    The output projection and the loss fused (as in Liger-Kernel's fused linear cross entropy):
+    the [B, T, V] logits are made `chunk_tokens` at a time (a block of positions for every row),
+    and each block's loss, metrics and gradients with respect to `features` and `projection` are
+    computed while the block is still in cache. The backward pass then only scales the stored
+    gradients. Products run in `dtype` with float32 accumulation (`precision.einsum`); softmax
+    and sums in float32.
+
+    Gradients flow through `loss_sum` only: the other entries are metrics.
+
+    Args:
+      features: [B, T, D], the decoder's last hidden states.
+      projection: [V, D], the pre-softmax weights (the tied embedding; an untied [D, V] kernel's
+        transpose).
+      targets, weights, label_smoothing: as in `token_statistics`.
+      dtype: the compute dtype of the two products.
+      chunk_tokens: about how many positions (rows x columns) a block holds.
+    Returns:
+      the dict of `token_statistics`.
+    """
+    weights = default_weights(targets, weights)
+    batch, length = targets.shape
+    block = max(1, min(length, chunk_tokens // max(batch, 1)))
+    while length % block:
+        block -= 1
+    return _fused_statistics(features, projection, targets, weights, float(label_smoothing), jnp.dtype(dtype), block)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _fused_statistics(features, projection, targets, weights, label_smoothing, dtype, block):
+    return _fused_forward(features, projection, targets, weights, label_smoothing, dtype, block)[0]
+
+
+def _fused_forward(features, projection, targets, weights, label_smoothing, dtype, block):
+    batch, length, d_model = features.shape
+    vocab_size = projection.shape[0]
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    normalizing_constant = -(_xlogx(confidence) + (vocab_size - 1) * _xlogx(low))
+    w16 = projection.astype(dtype)
+    num_blocks = length // block
+
+    def blocks(x):  # [B, T, ...] -> [T / block, B, block, ...]
+        return jnp.moveaxis(x.reshape(batch, num_blocks, block, *x.shape[2:]), 1, 0)
+
+    def step(grad_projection_t, xs):
+        y, t, w = xs  # [B, c, D], [B, c], [B, c]
+        y16 = y.astype(dtype)
+        logits = jnp.einsum("BcD,VD->BcV", y16, w16, preferred_element_type=jnp.float32)  # [B, c, V]
+        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        exp = jnp.exp(shifted)
+        sum_exp = jnp.sum(exp, axis=-1)  # [B, c]
+        log_normalizer = jnp.log(sum_exp)
+        is_target = jnp.arange(vocab_size) == t[..., None]  # [B, c, V], fused, never stored
+        target_shifted = jnp.sum(jnp.where(is_target, shifted, 0.0), axis=-1)
+        nll = log_normalizer - target_shifted
+        sum_log_probs = jnp.sum(shifted, axis=-1) - vocab_size * log_normalizer
+        cross_entropy = (confidence - low) * nll - low * sum_log_probs
+        sums = jnp.stack([jnp.sum((cross_entropy - normalizing_constant) * w), jnp.sum(nll * w),
+                          jnp.sum((target_shifted >= 0.0) * w)])
+        # d loss / d logits = (softmax - smoothed one-hot) * weight.
+        probs = exp / sum_exp[..., None]
+        grad_logits = ((probs - low - (confidence - low) * is_target) * w[..., None]).astype(dtype)
+        grad_y = jnp.einsum("BcV,VD->BcD", grad_logits, w16, preferred_element_type=jnp.float32)
+        grad_projection_t = grad_projection_t + precision.leading_contraction(  # [D, V]
+            y16.reshape(-1, d_model), grad_logits.reshape(-1, vocab_size))
+        return grad_projection_t, (sums, grad_y.astype(features.dtype))
+
+    grad_projection_t, (sums, grad_y) = jax.lax.scan(
+        step, jnp.zeros((d_model, vocab_size), jnp.float32), (blocks(features), blocks(targets), blocks(weights)))
+    grad_projection = precision.copying_transpose(grad_projection_t, (1, 0))
+    sums = jnp.sum(sums, axis=0)
+    stats = dict(loss_sum=sums[0], nll_sum=sums[1], correct_sum=sums[2], weight_sum=jnp.sum(weights))
+    grad_features = jnp.moveaxis(grad_y, 0, 1).reshape(features.shape)
+    return stats, (grad_features, grad_projection.astype(projection.dtype), targets, weights)
+
+
+def _fused_backward(label_smoothing, dtype, block, residuals, grads):
+    grad_features, grad_projection, targets, weights = residuals
+    scale = grads["loss_sum"]
+    return ((scale * grad_features).astype(grad_features.dtype), scale * grad_projection,
+            np.zeros(targets.shape, jax.dtypes.float0), jnp.zeros_like(weights))
+
+
+_fused_statistics.defvjp(_fused_forward, _fused_backward)
 
 
 def _xlogx(x: float) -> float:

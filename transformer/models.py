@@ -218,8 +218,13 @@ class _Model(nn.Module):
             return None
         return Dense(cfg.vocab_size, ("embed", "vocab"), cfg.compute_dtype, use_bias=False, name="logits")
 
-    def _logits(self, embed: Embed, y):
-        """[B, T, D] -> logits [B, T, V] float32."""
+    def _logits(self, embed: Embed, y, features: bool = False):
+        """[B, T, D] -> logits [B, T, V] float32; with `features`, (y, the projection [V, D]) instead,
+        for a loss that applies the projection itself (`losses.projected_token_statistics`)."""
+        if features:
+            if self.output_projection is None:
+                return y, embed.embedding
+            return y, nn.meta.unbox(self.output_projection.variables["params"]["kernel"]).T
         logits = embed.attend(y) if self.output_projection is None else self.output_projection(y)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         return logits.astype(jnp.float32)
@@ -237,17 +242,19 @@ class EncoderDecoder(_Model):
         self.output_projection = self._output_projection()
 
     def __call__(self, inputs, targets, *, inputs_segment_ids=None, targets_segment_ids=None,
-                 inputs_positions=None, targets_positions=None, deterministic: bool | None = None):
+                 inputs_positions=None, targets_positions=None, deterministic: bool | None = None,
+                 features: bool = False):
         """inputs [B, S], targets [B, T] int -> logits [B, T, V] float32.
 
-        logits[:, t] predicts targets[:, t] from targets[:, :t] and all of inputs.
+        logits[:, t] predicts targets[:, t] from targets[:, :t] and all of inputs. `features=True`:
+        (the last hidden states [B, T, D], the output projection [V, D]) instead of the logits.
         """
         deterministic = self._deterministic(deterministic)
         encoded = self.encode(inputs, segment_ids=inputs_segment_ids, positions=inputs_positions,
                               deterministic=deterministic)
         return self.decode(encoded, inputs, shift_right(targets, targets_segment_ids),
                            inputs_segment_ids=inputs_segment_ids, targets_segment_ids=targets_segment_ids,
-                           targets_positions=targets_positions, deterministic=deterministic)
+                           targets_positions=targets_positions, deterministic=deterministic, features=features)
 
     def encode(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
         """inputs [B, S] int -> encoded [B, S, D]."""
@@ -258,7 +265,7 @@ class EncoderDecoder(_Model):
 
     def decode(self, encoded, inputs, decoder_inputs, *, inputs_segment_ids=None,
                targets_segment_ids=None, targets_positions=None, deterministic: bool | None = None,
-               decode: bool = False):
+               decode: bool = False, features: bool = False):
         """encoded [B, S, D], inputs [B, S] (for its padding), decoder_inputs [B, T] -> logits [B, T, V].
 
         `decoder_inputs` are already shifted (BOS = PAD_ID first).
@@ -266,7 +273,7 @@ class EncoderDecoder(_Model):
         deterministic = self._deterministic(deterministic)
         y = self.decoder(self.target_embedding(decoder_inputs), targets_segment_ids, targets_positions,
                          encoded, inputs != PAD_ID, inputs_segment_ids, deterministic=deterministic, decode=decode)
-        return self._logits(self.target_embedding, y)
+        return self._logits(self.target_embedding, y, features)
 
 
 class DecoderOnly(_Model):
@@ -277,18 +284,20 @@ class DecoderOnly(_Model):
         self.decoder = Decoder(self.config, cross_attention=False)
         self.output_projection = self._output_projection()
 
-    def __call__(self, targets, *, segment_ids=None, positions=None, deterministic: bool | None = None):
-        """targets [B, T] int -> logits [B, T, V]; logits[:, t] predicts targets[:, t] from targets[:, :t]."""
+    def __call__(self, targets, *, segment_ids=None, positions=None, deterministic: bool | None = None,
+                 features: bool = False):
+        """targets [B, T] int -> logits [B, T, V]; logits[:, t] predicts targets[:, t] from targets[:, :t].
+        `features=True`: (hidden states [B, T, D], output projection [V, D]) instead."""
         return self.decode(shift_right(targets, segment_ids), segment_ids=segment_ids,
-                           positions=positions, deterministic=deterministic)
+                           positions=positions, deterministic=deterministic, features=features)
 
     def decode(self, decoder_inputs, *, segment_ids=None, positions=None,
-               deterministic: bool | None = None, decode: bool = False):
+               deterministic: bool | None = None, decode: bool = False, features: bool = False):
         """decoder_inputs [B, T] (already shifted) -> logits [B, T, V]."""
         deterministic = self._deterministic(deterministic)
         y = self.decoder(self.embedding(decoder_inputs), segment_ids, positions,
                          deterministic=deterministic, decode=decode)
-        return self._logits(self.embedding, y)
+        return self._logits(self.embedding, y, features)
 
 
 class EncoderOnly(_Model):
@@ -310,13 +319,17 @@ class EncoderOnly(_Model):
             self.pooler = Dense(cfg.d_model, ("embed", "mlp"), cfg.compute_dtype, name="pooler")
             self.classifier = Dense(self.num_classes, ("mlp", None), cfg.compute_dtype, name="classifier")
 
-    def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
-        """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head."""
+    def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None,
+                 features: bool = False):
+        """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head. `features=True` (token
+        head only): (hidden states [B, S, D], output projection [V, D]) instead."""
         deterministic = self._deterministic(deterministic)
         positions = _default_positions(inputs, positions)
         x = self.encoder(self.embedding(inputs), inputs != PAD_ID, segment_ids, positions,
                          deterministic=deterministic)
         if self.num_classes is None:
-            return self._logits(self.embedding, x)
+            return self._logits(self.embedding, x, features)
+        if features:
+            raise ValueError("features=True needs the per-token vocabulary head (num_classes=None).")
         pooled = jnp.tanh(self.pooler(x[:, 0]))  # [B, D], the first token's state
         return self.classifier(pooled).astype(jnp.float32)

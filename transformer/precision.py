@@ -100,16 +100,28 @@ def _weight_gradient(lhs, rhs, out, x, grad):
         return jnp.einsum(f"{lhs},{out}->{rhs}", x, grad, preferred_element_type=jnp.float32)
     sizes = dict(zip(lhs, x.shape)) | dict(zip(out, grad.shape))
     size = lambda axes: math.prod(sizes[a] for a in axes)  # noqa: E731
-    x_t = jnp.transpose(x, [lhs.index(a) for a in rest_x + contracted]).reshape(size(rest_x), size(contracted))
-    product = jnp.dot(x_t, grad.reshape(size(contracted), size(rest_g)), preferred_element_type=jnp.float32)
+    x = jnp.transpose(x, [lhs.index(a) for a in contracted + rest_x]).reshape(size(contracted), size(rest_x))
+    product = leading_contraction(x, grad.reshape(size(contracted), size(rest_g)))
     product = product.reshape([sizes[a] for a in rest_x + rest_g])
     perm = [(rest_x + rest_g).index(a) for a in rhs]
     if perm == sorted(perm):
         return product
-    return _copying_transpose(product, perm)
+    return copying_transpose(product, perm)
 
 
-def _copying_transpose(x, perm):
+def leading_contraction(x, y):
+    """x [M, K], y [M, N] -> x^T y [K, N] in float32, with x copied to [K, M] first (see
+    `_weight_gradient`): the product XLA's CPU kernels run fast. x and y in one dtype."""
+    num_rows = x.shape[0]
+    split = next((k for k in range(2, num_rows) if num_rows % k == 0), None)
+    if split is None:
+        x_t = jnp.transpose(x)
+    else:  # transposing a split [m1, m2, K] and merging m1, m2 again: a copy XLA cannot fold away
+        x_t = jnp.transpose(x.reshape(split, num_rows // split, -1), (2, 0, 1)).reshape(x.shape[1], num_rows)
+    return jnp.dot(x_t, y, preferred_element_type=jnp.float32)
+
+
+def copying_transpose(x, perm):
     """jnp.transpose(x, perm) that XLA cannot fold into the product that made x.
 
     XLA turns transpose(dot(a, b)) into a dot with swapped operands, which on CPU can be a form its

@@ -42,3 +42,22 @@ def initialize(prng_impl: str = "", *, distributed: bool = False, heartbeat_time
 def use_prng_impl(prng_impl: str) -> None:
     """Makes `prng_impl` ("" = JAX's default, threefry) the implementation of new PRNG keys."""
     jax.config.update("jax_default_prng_impl", prng_impl or "threefry2x32")
+
+
+def cpu_has_fast_bfloat16() -> bool | None:
+    """Whether this Linux CPU has bfloat16 matrix instructions (AMX or AVX-512 BF16); None if unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    return None if flags is None else bool({"amx_bf16", "avx512_bf16"} & set(flags))
+
+
+def warn_if_slow_dtype(dtype: str) -> None:
+    """Logs a warning when `dtype` is 16-bit compute on a CPU backend without bfloat16 instructions,
+    where XLA emulates it (no faster than float32, often slower)."""
+    if dtype == "float32" or jax.default_backend() != "cpu" or cpu_has_fast_bfloat16() is not False:
+        return
+    logging.warning("ModelConfig.dtype=%s on a CPU without AMX or AVX-512 BF16: 16-bit products are emulated "
+                    "here, no faster than float32. Consider --config.model.dtype=float32.", dtype)

@@ -55,9 +55,15 @@ def loss_fn(params, batch, rng, *, model, objective, label_smoothing, determinis
     dropout_rng, mlm_rng = jax.random.split(rng)
     args, kwargs, targets, weights = model_inputs(objective, batch, mlm_rng, vocab_size=model.config.vocab_size,
                                                   mask_id=mask_id)
-    logits = model.apply({"params": params}, *args, **kwargs, deterministic=deterministic,
-                         rngs=None if deterministic else {"dropout": dropout_rng})
-    stats = losses.token_statistics(logits, targets, weights, label_smoothing)
+    block_tokens = model.config.loss_block_tokens
+    out = model.apply({"params": params}, *args, **kwargs, deterministic=deterministic, features=block_tokens > 0,
+                      rngs=None if deterministic else {"dropout": dropout_rng})
+    if block_tokens:
+        features, projection = out
+        stats = losses.projected_token_statistics(features, projection, targets, weights, label_smoothing,
+                                                  dtype=model.config.compute_dtype, chunk_tokens=block_tokens)
+    else:
+        stats = losses.token_statistics(out, targets, weights, label_smoothing)
     return stats.pop("loss_sum"), stats
 
 

@@ -3,6 +3,7 @@
     pip install torch   # the CPU build is enough: pip install "torch==2.13.0+cpu" where it is offered
     python -m experiments.benchmarks.compare
     python -m experiments.benchmarks.compare --shapes=multi30k,base_32k --steps=3 --rounds=3
+    python -m experiments.benchmarks.compare --dtype=bfloat16 --flax_wmt_dir=PATH/flax/examples/wmt
 
 Both sides train the paper's post-norm encoder-decoder with one shared embedding (scaled by
 sqrt(d_model)), sinusoidal positions and the tied output projection, on the same full rows of random
@@ -43,6 +44,12 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ou
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of both sides: ours ModelConfig.dtype (float32 master weights, "
                            "bf16 x bf16 -> f32 products), torch's torch.autocast(dtype=...).")
+_LOSS_BLOCK = flags.DEFINE_integer("loss_block_tokens", 0, "Our ModelConfig.loss_block_tokens: 0 = loss over the "
+                                   "whole logits; N = output projection and loss fused, N positions at a time.",
+                                   lower_bound=0)
+_FLAX_WMT = flags.DEFINE_string("flax_wmt_dir", None, "Also time the Flax WMT example's model: the examples/wmt "
+                                 "directory of a github.com/google/flax checkout (its models.py is imported from "
+                                 "there, not copied here).")
 _PRNG = flags.DEFINE_enum("prng_impl", "", ["", "threefry2x32", "rbg", "unsafe_rbg"],
                           "Our dropout masks' PRNG (jax_default_prng_impl; '' = JAX's default, threefry).")
 
@@ -70,11 +77,13 @@ def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> t
 
 
 class Ours:
-    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32"):
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32",
+                 loss_block_tokens=0):
         config = defaults.base_config()
         config.model = defaults.model_fields("base")
         config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
-                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype)
+                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype,
+                            loss_block_tokens=loss_block_tokens)
         defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
         config.optimizer.update(schedule="constant", learning_rate=1e-4)
         model_cfg = training.model_config(config, vocab)
@@ -142,6 +151,62 @@ class Torch:
         return (time.perf_counter() - start) / steps
 
 
+class FlaxWMT:
+    """The Flax WMT example's `models.Transformer` (pre-norm, shared embedding, logits via the
+    embedding) imported from a flax checkout, trained by a step written here after its train.py:
+    a soft one-hot label-smoothed loss and argmax accuracy from the whole logits, Adam, dropout."""
+
+    def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32"):
+        import importlib.util  # noqa: PLC0415
+
+        import optax  # noqa: PLC0415
+
+        spec = importlib.util.spec_from_file_location("flax_wmt_models", f"{_FLAX_WMT.value}/models.py")
+        models = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(models)
+        config = models.TransformerConfig(
+            vocab_size=vocab, output_vocab_size=vocab, share_embeddings=True, logits_via_embedding=True,
+            dtype=jnp.dtype(dtype), emb_dim=d_model, num_heads=heads, num_layers=layers, qkv_dim=d_model, mlp_dim=d_ff,
+            max_len=max(512, length), dropout_rate=dropout, attention_dropout_rate=0.0, deterministic=False)
+        model = models.Transformer(config)
+        rng = np.random.default_rng(0)
+        inputs, targets = (jnp.asarray(rng.integers(2, vocab, size=(batch, length)), jnp.int32) for _ in range(2))
+        params = jax.jit(models.Transformer(config.replace(deterministic=True)).init)(
+            jax.random.PRNGKey(0), inputs, targets)["params"]
+        tx = optax.adam(1e-4, b1=0.9, b2=0.98, eps=1e-9)
+        confidence, low = 0.9, 0.1 / (vocab - 1)
+        constant = -(confidence * math.log(confidence) + (vocab - 1) * low * math.log(low))
+
+        def step(state, inputs, targets):
+            params, opt_state, index = state
+
+            def loss_fn(params):
+                logits = model.apply({"params": params}, inputs, targets,
+                                     rngs={"dropout": jax.random.fold_in(jax.random.PRNGKey(1), index)})
+                soft = jax.nn.one_hot(targets, vocab) * (confidence - low) + low
+                loss = -jnp.sum(soft * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1) - constant
+                weights = (targets > 0).astype(jnp.float32)
+                return jnp.sum(loss * weights) / jnp.sum(weights), logits
+
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            accuracy = jnp.mean(jnp.argmax(logits, -1) == targets)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state, index + 1), (loss, accuracy)
+
+        self.step = jax.jit(step, donate_argnums=(0,))
+        self.state = (params, tx.init(params), jnp.zeros((), jnp.int32))
+        self.inputs, self.targets = inputs, targets
+        self.params = sum(x.size for x in jax.tree.leaves(params))
+        self.run(1)
+
+    def run(self, steps: int) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            self.state, out = self.step(self.state, self.inputs, self.targets)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - start) / steps
+
+
 def main(argv):
     del argv
     import torch  # noqa: PLC0415
@@ -156,27 +221,34 @@ def main(argv):
           f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
           f"{jax.config.jax_default_prng_impl}; {_DTYPE.value} matmul peak: "
           f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f})")
-    print("| shape | params ours / torch | ours tok/s | torch tok/s | ratio | ours GFLOP/s (of peak) | "
-          "torch GFLOP/s (of peak) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    peers = {"torch": Torch} | ({"flax_wmt": FlaxWMT} if _FLAX_WMT.value else {})
+    header = ["shape", "params ours / " + " / ".join(peers), "ours tok/s"]
+    for peer in peers:
+        header += [f"{peer} tok/s", f"ours / {peer}"]
+    header += ["ours GFLOP/s (of peak)"] + [f"{peer} GFLOP/s (of peak)" for peer in peers]
+    print("| " + " | ".join(header) + " |")
+    print("|" + " --- |" * len(header))
     for name in _SHAPES.value:
         vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
-        ours, theirs = Ours(*shape, dtype=_DTYPE.value), Torch(*shape, dtype=_DTYPE.value)
-        times = {"ours": [], "torch": []}
+        sides = {"ours": Ours(*shape, dtype=_DTYPE.value, loss_block_tokens=_LOSS_BLOCK.value)}
+        sides.update({peer: cls(*shape, dtype=_DTYPE.value) for peer, cls in peers.items()})
+        times = {side: [] for side in sides}
         for _ in range(_ROUNDS.value):
-            times["ours"].append(ours.run(_STEPS.value))
-            times["torch"].append(theirs.run(_STEPS.value))
-        step = {k: statistics.median(v) for k, v in times.items()}
+            for side, runner in sides.items():
+                times[side].append(runner.run(_STEPS.value))
+        step = {side: statistics.median(t) for side, t in times.items()}
         tokens = batch * length
         flops = tokens * metrics.flops_per_token(
             d_model=d_model, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers,
             vocab_size=vocab, source_length=length, target_length=length)
-        rate = {k: flops / s / 1e9 for k, s in step.items()}
-        print(f"| {name} ({vocab}, {d_model}, {heads}, {d_ff}, {layers}+{layers}, {batch}x{length}) | "
-              f"{ours.params / 1e6:.2f}M / {theirs.params / 1e6:.2f}M | {tokens / step['ours']:,.0f} | "
-              f"{tokens / step['torch']:,.0f} | **{step['torch'] / step['ours']:.2f}x** | "
-              f"{rate['ours']:.0f} ({rate['ours'] / peak:.0%}) | {rate['torch']:.0f} ({rate['torch'] / peak:.0%}) |",
-              flush=True)
+        rate = {side: flops / s / 1e9 for side, s in step.items()}
+        row = [f"{name} ({vocab}, {d_model}, {heads}, {d_ff}, {layers}+{layers}, {batch}x{length})",
+               " / ".join(f"{runner.params / 1e6:.2f}M" for runner in sides.values()),
+               f"{tokens / step['ours']:,.0f}"]
+        for peer in peers:
+            row += [f"{tokens / step[peer]:,.0f}", f"**{step[peer] / step['ours']:.2f}x**"]
+        row += [f"{rate[side]:.0f} ({rate[side] / peak:.0%})" for side in sides]
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 if __name__ == "__main__":
