@@ -9,8 +9,8 @@ gradients come back float32), so this is the usual recipe: 16-bit compute, float
 Why a custom VJP: JAX's transpose of a dot with `preferred_element_type=float32` multiplies a float32
 cotangent by a 16-bit operand, which XLA promotes to a float32 product, so the backward pass would
 run at float32 speed. On CPUs with AMX or AVX-512 BF16, XLA's bf16 x bf16 -> f32 kernels run 3-5x
-faster than float32 ones (`experiments/benchmarks/compare.py --matmul_only` measures it); on TPU
-and GPU this is what their matrix units do anyway.
+faster than float32 ones (`python -m experiments.benchmarks.compare --dtype=bfloat16` prints the
+rate it measures); on TPU and GPU this is what their matrix units do anyway.
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
-"""Our train step beside `torch.nn.Transformer`'s, same shapes, in one run; and the matmul peak.
+"""Our train step beside `torch.nn.Transformer`'s (and the Flax WMT example's), same shapes, one run.
 
     pip install torch   # the CPU build is enough: pip install "torch==2.13.0+cpu" where it is offered
     python -m experiments.benchmarks.compare
     python -m experiments.benchmarks.compare --shapes=multi30k,base_32k --steps=3 --rounds=3
     python -m experiments.benchmarks.compare --dtype=bfloat16 --flax_wmt_dir=PATH/flax/examples/wmt
 
-Both sides train the paper's post-norm encoder-decoder with one shared embedding (scaled by
-sqrt(d_model)), sinusoidal positions and the tied output projection, on the same full rows of random
-tokens: forward, label-smoothed (0.1) cross entropy, backward, Adam (0.9, 0.98, 1e-9), dropout on,
-float32. torch's layers also drop attention weights and the feed-forward's hidden activations (ours
-drop sub-layer outputs and embedding sums, the paper's places): torch does more dropout work.
-Parameter counts are printed (torch's attention and its final norms carry biases ours do not:
-within 1%). Steps alternate between the two sides, `--rounds` times, and the median of each
-side counts, so drift on a shared machine hits both alike. FLOPs are the analytic matmul count of
-`transformer.metrics.flops_per_token`; the peak is the faster of the two frameworks' float32 matmul
-rates, measured here, now.
+All sides train an encoder-decoder with one shared embedding (scaled by sqrt(d_model)), sinusoidal
+positions and the tied output projection, on the same full rows of random tokens: forward,
+label-smoothed (0.1) cross entropy, backward, Adam (0.9, 0.98, 1e-9), dropout on, in `--dtype`.
+torch's layers also drop attention weights and the feed-forward's hidden activations (ours drop
+sub-layer outputs and embedding sums, the paper's places): torch does more dropout work. The Flax
+WMT example's model (`--flax_wmt_dir`, pre-norm, no attention dropout here) is imported from a
+flax checkout, and trained by a step written here after the example's train.py (a soft one-hot
+loss and argmax accuracy over the whole logits). Parameter counts are printed (within 1%). Steps
+alternate between the sides, `--rounds` times, and the median of each side counts, so drift on a
+shared machine hits all alike. FLOPs are the analytic matmul count of
+`transformer.metrics.flops_per_token`; the peak is the faster of JAX's and torch's matmul rates in
+`--dtype`, measured here, now. Ours runs as shipped for CPU: `--loss_block_tokens=256`.
 """
 
 import math
@@ -44,7 +46,7 @@ _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ou
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of both sides: ours ModelConfig.dtype (float32 master weights, "
                            "bf16 x bf16 -> f32 products), torch's torch.autocast(dtype=...).")
-_LOSS_BLOCK = flags.DEFINE_integer("loss_block_tokens", 0, "Our ModelConfig.loss_block_tokens: 0 = loss over the "
+_LOSS_BLOCK = flags.DEFINE_integer("loss_block_tokens", 256, "Our ModelConfig.loss_block_tokens: 0 = loss over the "
                                    "whole logits; N = output projection and loss fused, N positions at a time.",
                                    lower_bound=0)
 _FLAX_WMT = flags.DEFINE_string("flax_wmt_dir", None, "Also time the Flax WMT example's model: the examples/wmt "
