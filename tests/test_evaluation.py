@@ -66,6 +66,7 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
     config.model.update(num_layers=1, d_model=64, d_ff=128)
     config.data.update(manual_dir=multi30k_dir, data_dir=str(tmp_path / "tfds"), vocab_size=500, batch_size=32)
     config.update(num_train_steps=60, max_train_minutes=0.0, eval_every=60, log_every=20)
+    config.optimizer.warmup_steps = 10  # the recipe's cosine warms up over 600 of its 4,500 steps
     config.checkpoint.update(every=20, keep=3)
     config.decode.update(beam_size=2, batch_size=64)
     training.train_and_evaluate(config, workdir)
