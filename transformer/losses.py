@@ -60,9 +60,7 @@ def token_statistics(logits, targets, weights=None, label_smoothing: float = 0.1
     """
     vocab_size = logits.shape[-1]
     weights = default_weights(targets, weights)
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab_size - 1)
-    normalizing_constant = -(_xlogx(confidence) + (vocab_size - 1) * _xlogx(low))  # the target's entropy
+    confidence, low, normalizing_constant = _smoothed_target(label_smoothing, vocab_size)
     logits = logits.astype(jnp.float32)
     log_probs = jax.nn.log_softmax(logits, axis=-1)  # [B, T, V]
     target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]  # [B, T]
@@ -116,9 +114,7 @@ def _fused_statistics(features, projection, targets, weights, label_smoothing, d
 def _fused_forward(features, projection, targets, weights, label_smoothing, dtype, block):
     batch, length, d_model = features.shape
     vocab_size = projection.shape[0]
-    confidence = 1.0 - label_smoothing
-    low = label_smoothing / (vocab_size - 1)
-    normalizing_constant = -(_xlogx(confidence) + (vocab_size - 1) * _xlogx(low))
+    confidence, low, normalizing_constant = _smoothed_target(label_smoothing, vocab_size)
     w16 = projection.astype(dtype)
     num_blocks = length // block
 
@@ -165,6 +161,13 @@ def _fused_backward(label_smoothing, dtype, block, residuals, grads):
 
 
 _fused_statistics.defvjp(_fused_forward, _fused_backward)
+
+
+def _smoothed_target(label_smoothing: float, vocab_size: int) -> tuple[float, float, float]:
+    """(confidence on the true class, `low` on each other class, the smoothed target's entropy)."""
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab_size - 1)
+    return confidence, low, -(_xlogx(confidence) + (vocab_size - 1) * _xlogx(low))
 
 
 def _xlogx(x: float) -> float:

@@ -112,17 +112,11 @@ def _weight_gradient(lhs, rhs, out, x, grad):
 def leading_contraction(x, y):
     """x [M, K], y [M, N] -> x^T y [K, N] in float32, with x copied to [K, M] first (see
     `_weight_gradient`): the product XLA's CPU kernels run fast. x and y in one dtype."""
-    num_rows = x.shape[0]
-    split = next((k for k in range(2, num_rows) if num_rows % k == 0), None)
-    if split is None:
-        x_t = jnp.transpose(x)
-    else:  # transposing a split [m1, m2, K] and merging m1, m2 again: a copy XLA cannot fold away
-        x_t = jnp.transpose(x.reshape(split, num_rows // split, -1), (2, 0, 1)).reshape(x.shape[1], num_rows)
-    return jnp.dot(x_t, y, preferred_element_type=jnp.float32)
+    return jnp.dot(copying_transpose(x, (1, 0)), y, preferred_element_type=jnp.float32)
 
 
 def copying_transpose(x, perm):
-    """jnp.transpose(x, perm) that XLA cannot fold into the product that made x.
+    """jnp.transpose(x, perm) that XLA cannot fold into the product that made or reads x.
 
     XLA turns transpose(dot(a, b)) into a dot with swapped operands, which on CPU can be a form its
     fast kernels lack. Splitting the first axis in two, transposing, and merging the halves again

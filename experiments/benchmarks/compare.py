@@ -78,6 +78,15 @@ def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> t
     return jax_rate, torch_rate
 
 
+def timed_steps(step, state, steps: int):
+    """(state after `steps` calls of `step(state) -> (state, out)`, seconds per call, to completion)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, out = step(state)
+    jax.block_until_ready(out)
+    return state, (time.perf_counter() - start) / steps
+
+
 class Ours:
     def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32",
                  loss_block_tokens=0):
@@ -98,11 +107,8 @@ class Ours:
         self.run(1)  # compile
 
     def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, out = self.trainer.train_step(self.state, self.batch)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - start) / steps
+        self.state, seconds = timed_steps(lambda state: self.trainer.train_step(state, self.batch), self.state, steps)
+        return seconds
 
 
 class Torch:
@@ -202,11 +208,8 @@ class FlaxWMT:
         self.run(1)
 
     def run(self, steps: int) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            self.state, out = self.step(self.state, self.inputs, self.targets)
-        jax.block_until_ready(out)
-        return (time.perf_counter() - start) / steps
+        self.state, seconds = timed_steps(lambda state: self.step(state, self.inputs, self.targets), self.state, steps)
+        return seconds
 
 
 def main(argv):
