@@ -123,6 +123,18 @@ def assert_same_batches(xs, ys):
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+@pytest.mark.parametrize("batching", ["bucket", "pack"])
+def test_in_memory_and_streamed_sources_give_the_same_batches_and_states(examples, tok, batching):
+    # 1500 examples: the default tokenises them once into memory; in_memory_examples=0 streams them.
+    # 250 batches of 8 packed rows go past the first epoch; a state from either resumes the other.
+    streamed, in_memory = (batches(examples, tok, batching, in_memory_examples=n) for n in (0, 10_000))
+    assert_same_batches(list(itertools.islice(streamed, 250)), list(itertools.islice(in_memory, 250)))
+    assert streamed.get_state() == in_memory.get_state()
+    resumed = batches(examples, tok, batching)
+    resumed.set_state(json.loads(json.dumps(streamed.get_state())))
+    assert_same_batches(list(itertools.islice(resumed, 5)), list(itertools.islice(streamed, 5)))
+
+
 # k batches in before saving: mid-window and, with 1500 examples, across an epoch boundary.
 @pytest.mark.parametrize("batching, k", [("pad", 7), ("pad", 100), ("bucket", 5), ("bucket", 60), ("pack", 3),
                                          ("pack", 40)])
