@@ -57,6 +57,19 @@ def test_matches_numpy_reference(implementation, num_kv_heads):
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("kv_length", [0, 1, 5, 16, 17, 33, 37])
+def test_kv_length_reads_only_the_written_keys(implementation, kv_length):
+    # 37 keys: two blocks of 16 and a last block moved back to overlap the second. Keys past
+    # kv_length hold garbage (huge values) that must not leak into the output.
+    q, k, v, mask, bias = make_inputs(seed=kv_length, kv_len=37)
+    k[:, kv_length:], v[:, kv_length:] = 1e6, 1e6
+    expected = numpy_attention(q, k, v, mask & (np.arange(37) < kv_length), bias)
+    attend = jax.jit(functools.partial(attention.dot_product_attention, implementation=implementation))
+    out = attend(q, k, v, mask, bias, kv_length=jnp.asarray(kv_length))
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_without_mask_or_bias(implementation):
     q, k, v, _, _ = make_inputs(seed=1)
     expected = numpy_attention(q, k, v, np.ones((1, 1, 1, 1), bool), np.zeros((1, 1, 1, 1)))

@@ -127,6 +127,67 @@ def test_cached_scores_equal_full_forward_scores(translation_model):
     np.testing.assert_allclose(cached_scores, full_scores, rtol=1e-5)
 
 
+@pytest.mark.parametrize("live_length", [0, 1, 5, 16, 17, 32, 33, 37])
+def test_reorder_beams_moves_the_live_positions_like_a_whole_cache_gather(live_length):
+    # Cache length 37 = two 16-position blocks and a 5-position tail.
+    rng = np.random.default_rng(live_length)
+    cache = {"layer": {"cached_key": jnp.asarray(rng.normal(size=(2 * 3, 37, 2, 4)), jnp.float32),
+                       "cached_value": jnp.asarray(rng.normal(size=(2 * 3, 37, 2, 4)), jnp.float32),
+                       "static_key": jnp.asarray(rng.normal(size=(2 * 3, 9, 2, 4)), jnp.float32)},
+             "index": jnp.array(live_length)}
+    source_beam = jnp.array([[2, 2, 0], [1, 0, 1]])
+    whole = decoding.reorder_beams(cache, source_beam)
+    live = jax.jit(decoding.reorder_beams, static_argnames="block")(cache, source_beam, live_length, block=16)
+    for name in ("cached_key", "cached_value"):
+        np.testing.assert_array_equal(live["layer"][name][:, :live_length], whole["layer"][name][:, :live_length])
+    expected_rows = np.array([2, 2, 0, 3 + 1, 3 + 0, 3 + 1])
+    np.testing.assert_array_equal(whole["layer"]["cached_key"], cache["layer"]["cached_key"][expected_rows])
+    np.testing.assert_array_equal(live["layer"]["static_key"], cache["layer"]["static_key"])  # not per beam
+    assert int(live["index"]) == live_length
+
+
+def test_beam_scores_equal_full_forward_scores_of_their_tokens(translation_model, monkeypatch):
+    # 20 decoding positions: one whole reorder block of 16 and a tail. A random model rarely ends
+    # early, so the beams are reordered at every position; a stale or misplaced key would make the
+    # cached scores disagree with a full forward pass over the returned tokens.
+    model, params, inputs = translation_model
+    beam_size, max_extra = 3, 14
+    translate = jax.jit(lambda p, x: _beams(model, p, x, beam_size, max_extra))
+    tokens, scores = translate(params, inputs)
+    assert tokens.shape == (2, beam_size, inputs.shape[1] + max_extra)
+    checked = 0
+    for row in range(2):
+        for beam in range(beam_size):
+            hyp = np.asarray(tokens[row, beam])
+            logits = model.apply({"params": params}, inputs[row:row + 1], hyp[None])[0]
+            full = jax.nn.log_softmax(logits.at[:, 0].set(decoding.NEG_INF))
+            length = int(np.sum(hyp > 0))
+            logprob = float(np.sum(np.take_along_axis(np.asarray(full), hyp[:, None], -1)[:length]))
+            np.testing.assert_allclose(float(scores[row, beam]), logprob / decoding.length_penalty(length, 0.6),
+                                       rtol=1e-4)
+            checked += 1
+    assert checked == 2 * beam_size
+    # The same search with whole-cache reordering returns the same hypotheses.
+    monkeypatch.setattr(decoding, "written_positions", lambda cache: None)
+    whole_tokens, whole_scores = jax.jit(lambda p, x: _beams(model, p, x, beam_size, max_extra))(params, inputs)
+    np.testing.assert_array_equal(whole_tokens, tokens)
+    np.testing.assert_allclose(whole_scores, scores, rtol=1e-6)
+
+
+def _beams(model, params, inputs, beam_size, max_extra):
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    encoded, beam_inputs = decoding.expand_beams(encoded, beam_size), decoding.expand_beams(inputs, beam_size)
+    max_length = inputs.shape[1] + max_extra
+    cache = decoding.init_cache(model, params, max_length, inputs.shape[0] * beam_size, encoded, beam_inputs)
+    step = decoding.encoder_decoder_step_fn(model, params, encoded, beam_inputs)
+
+    def no_pad_step(tokens, cache):  # a random model emits PAD; a trained one would not
+        logits, cache = step(tokens, cache)
+        return logits.at[:, 0].set(decoding.NEG_INF), cache
+
+    return decoding.beam_search(no_pad_step, cache, inputs.shape[0], beam_size, max_length, EOS, 0.6)
+
+
 @pytest.fixture(scope="module")
 def language_model():
     cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, dropout_rate=0.0, num_decoder_layers=1, position="rope")

@@ -87,3 +87,14 @@ def test_an_axis_summed_inside_one_operand_is_refused():
     x, y = _operands((2, 3), (3, 4))
     with pytest.raises(ValueError, match="every axis of the first operand"):
         precision.einsum("ab,bc->c", x, y, jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32, jnp.int32])
+def test_as_bits_round_trips_and_moves_16_bit_floats_as_integers(dtype):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5)) * 100, dtype)
+    bits = precision.as_bits(x)
+    assert bits.dtype == (jnp.uint16 if dtype in (jnp.bfloat16, jnp.float16) else dtype)
+    back = precision.from_bits(jax.lax.dynamic_update_slice(bits, bits[:1], (2, 0)), dtype)
+    assert back.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(back[:2], np.float32), np.asarray(x[:2], np.float32))
+    np.testing.assert_array_equal(np.asarray(back[2], np.float32), np.asarray(x[0], np.float32))

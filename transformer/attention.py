@@ -48,6 +48,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     dropout_rng=None,
     chunk_size: int = 128,
+    kv_length=None,
 ):
     """softmax(Q K^T / sqrt(d_k) + bias) V over the unmasked keys (paper, eq. 1).
 
@@ -60,6 +61,9 @@ def dot_product_attention(
       implementation: "reference", "fused" or "chunked".
       dropout_rate: dropout on the attention weights, applied when `dropout_rng` is given.
       chunk_size: key block length of the "chunked" kernel.
+      kv_length: a traced count: only keys [0, kv_length) exist yet (a decoding step's cache),
+        and only the blocks of PREFIX_BLOCK keys that hold them are read (online softmax, as
+        "chunked"), whatever the implementation. None = all S keys.
     Returns:
       [B, T, N, H] in the query's dtype.
     """
@@ -85,6 +89,8 @@ def dot_product_attention(
     for name, x in (("mask", mask), ("bias", bias)):
         if x is not None and (x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full))):
             raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S] = {list(full)}.")
+    if kv_length is not None and not use_dropout:
+        return _prefix_attention(query, key, value, mask, bias, kv_length)
     if implementation == "reference" or (implementation == "fused" and use_dropout):
         # NOTE: jax.nn.dot_product_attention has no dropout, so training with attention dropout
         # takes the reference path.
@@ -195,6 +201,59 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
     init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
             jnp.zeros(stats_shape + (head_dim,), jnp.float32))
     (_, denominator, acc), _ = jax.lax.scan(step, init, xs)
+    out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
+    out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
+    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+
+
+PREFIX_BLOCK = 16  # keys per block of `_prefix_attention`
+
+
+def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PREFIX_BLOCK):
+    """Attention over keys [0, kv_length) only, a block of keys at a time (online softmax).
+
+    A decoding step then reads the keys and values written so far rather than the whole cache.
+    Blocks start at multiples of `block`; the last one is moved back to end at S (its keys already
+    seen are masked out), so S need not be a multiple of `block`.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    kv_len, num_kv_heads = key.shape[1], key.shape[2]
+    groups = num_heads // num_kv_heads
+    block = min(block, kv_len)
+    query = query.reshape(batch, q_len, num_kv_heads, groups, head_dim) * jnp.asarray(head_dim**-0.5, query.dtype)
+    mask = None if mask is None else _group_heads(mask, num_kv_heads)  # [B|1, K|1, G|1, T, S]
+    bias = None if bias is None else _group_heads(bias, num_kv_heads).astype(jnp.float32)
+
+    def keys(x, start):  # the block's slice of the last (key) axis, if x has one
+        return x if x.shape[-1] == 1 else jax.lax.dynamic_slice_in_dim(x, start, block, axis=x.ndim - 1)
+
+    def step(i, carry):
+        running_max, denominator, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        first = i * block
+        start = jnp.minimum(first, kv_len - block)
+        positions = start + jnp.arange(block)
+        live = (positions >= first) & (positions < kv_length)  # [block]
+        if mask is not None:
+            live = live & keys(mask, start)
+        k, v = (precision.from_bits(jax.lax.dynamic_slice_in_dim(precision.as_bits(x), start, block, axis=1), x.dtype)
+                for x in (key, value))  # sliced as bits: bfloat16 is not converted whole on CPU
+        logits = precision.einsum("BTKGH,BSKH->BKGTS", query, k, query.dtype, out_dtype=jnp.float32)
+        if bias is not None:
+            logits = logits + keys(bias, start)
+        logits = jnp.where(live, logits, _MASKED)
+        new_max = jnp.maximum(running_max, logits.max(axis=-1))
+        probs = jnp.exp(logits - new_max[..., None]) * live  # keys not live contribute exactly 0
+        correction = jnp.exp(running_max - new_max)
+        denominator = denominator * correction + probs.sum(axis=-1)
+        acc = acc * correction[..., None] + precision.einsum(
+            "BKGTS,BSKH->BKGTH", probs, v, value.dtype, out_dtype=jnp.float32)
+        return new_max, denominator, acc
+
+    stats_shape = (batch, num_kv_heads, groups, q_len)
+    init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(stats_shape + (head_dim,), jnp.float32))
+    num_blocks = jnp.clip((kv_length + block - 1) // block, 0, -(-kv_len // block))
+    _, denominator, acc = jax.lax.fori_loop(0, num_blocks, step, init)
     out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
     out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
     return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
@@ -335,15 +394,18 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
         value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
 
+        kv_length = None
         if decode:
             key, value = self._update_cache(key, value, decode_index)
+            if decode_index is not None:
+                kv_length = decode_index + query.shape[1]  # cache positions written so far
 
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
         out = dot_product_attention(
             query, key, value, mask, bias, implementation=self.implementation, dropout_rate=self.dropout_rate,
-            dropout_rng=dropout_rng, chunk_size=self.chunk_size)  # [B, T, N, H]
+            dropout_rng=dropout_rng, chunk_size=self.chunk_size, kv_length=kv_length)  # [B, T, N, H]
         out = precision.einsum("BTNH,NHD->BTD", out, w_o, self.dtype)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
@@ -361,17 +423,19 @@ class MultiHeadAttention(nn.Module):
         """Writes [B, T, K, H] keys/values at `decode_index`; returns the whole cache [B, S, K, H].
 
         The first call (during `init`) sizes the cache from the given keys and leaves it empty.
+        16-bit keys and values are stored as their bits (`precision.as_bits`), so that on CPU the
+        write stays in place rather than converting and copying the whole cache at every step.
         """
         initialized = self.has_variable("cache", "cached_key")
-        cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
-        cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+        cached_key = self.variable("cache", "cached_key", lambda: precision.as_bits(jnp.zeros(key.shape, key.dtype)))
+        cached_value = self.variable("cache", "cached_value",
+                                     lambda: precision.as_bits(jnp.zeros(value.shape, value.dtype)))
         if not initialized:
             return key, value
         start = (0, decode_index, 0, 0)
-        cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-        cached_value.value = jax.lax.dynamic_update_slice(
-            cached_value.value, value.astype(cached_value.value.dtype), start)
-        return cached_key.value, cached_value.value
+        for cached, new in ((cached_key, key), (cached_value, value)):
+            cached.value = jax.lax.dynamic_update_slice(cached.value, precision.as_bits(new), start)
+        return precision.from_bits(cached_key.value, key.dtype), precision.from_bits(cached_value.value, value.dtype)
 
 
 def dense_kernel(module, name, shape, axes, in_axis=-2, out_axis=-1):

@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from transformer import precision
 from transformer.tokens import PAD_ID
 
 NEG_INF = -1.0e7  # finite "impossible" log-probability: keeps arithmetic NaN-free
@@ -57,24 +58,70 @@ def decoder_only_step_fn(model, params) -> Callable:
     return logits_fn
 
 
-def reorder_beams(cache, source_beam):
+REORDER_BLOCK = 16  # cache positions moved together when beams are reordered
+
+
+def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLOCK):
     """Beam w of batch row b takes the cached keys/values of beam `source_beam[b, w]` of the same row.
 
     Cached keys/values are [..., B * W, S, K, H] (beam-major within a row); counters stay. The
     gather never crosses batch rows, so with the batch split over devices no cache moves between them.
+
+    `live_length` (a traced scalar): only positions [0, live_length) hold keys yet, so only the
+    `block`-position slices that cover them are moved, in place: a decoding step then costs time in
+    proportion to the tokens so far, not to the cache length (about 4x less traffic per sentence
+    at Multi30k's lengths, where the cache has room for the source length + 50).
     """
     b, w = source_beam.shape
 
-    def gather(path, leaf):
-        if getattr(path[-1], "key", None) not in ("cached_key", "cached_value"):
-            return leaf
-        axis = leaf.ndim - 4
-        rows = leaf.reshape(*leaf.shape[:axis], b, w, *leaf.shape[axis + 1:])  # [..., B, W, S, K, H]
-        take = jax.vmap(lambda beams, source: jnp.take(beams, source, axis=0, mode="clip"), in_axes=(axis, 0),
-                        out_axes=axis)
-        return take(rows, source_beam).reshape(leaf.shape)
+    def take(x):  # [..., B * W, C, K, H] -> the same, beams reordered within each row
+        axis = x.ndim - 4
+        rows = x.reshape(*x.shape[:axis], b, w, *x.shape[axis + 1:])  # [..., B, W, C, K, H]
+        taken = jax.vmap(lambda beams, source: jnp.take(beams, source, axis=0, mode="clip"), in_axes=(axis, 0),
+                         out_axes=axis)(rows, source_beam)
+        return taken.reshape(x.shape)
 
-    return jax.tree_util.tree_map_with_path(gather, cache)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
+    moving = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], "key", None) in ("cached_key",
+                                                                                          "cached_value")]
+    dtypes = [leaf.dtype for _, leaf in leaves]
+    leaves = [precision.as_bits(leaf) for _, leaf in leaves]  # moved as bits: bfloat16 stays in place on CPU
+    if live_length is None:
+        for i in moving:
+            leaves[i] = take(leaves[i])
+        return jax.tree_util.tree_unflatten(treedef, [precision.from_bits(x, d) for x, d in zip(leaves, dtypes)])
+
+    by_length = {}  # cache length -> indices of the leaves of that length (one loop per length)
+    for i in moving:
+        by_length.setdefault(leaves[i].shape[-3], []).append(i)
+    for length, group in by_length.items():
+        full_blocks, tail = divmod(length, block)
+
+        def move_block(k, xs, size=block):
+            start = k * size
+            return tuple(jax.lax.dynamic_update_slice_in_dim(
+                x, take(jax.lax.dynamic_slice_in_dim(x, start, size, axis=x.ndim - 3)), start, axis=x.ndim - 3)
+                for x in xs)
+
+        xs = tuple(leaves[i] for i in group)
+        if full_blocks:
+            live_blocks = jnp.minimum((live_length + block - 1) // block, full_blocks)
+            xs = jax.lax.fori_loop(0, live_blocks, move_block, xs)
+        if tail:  # positions past the last whole block
+            start = full_blocks * block
+            xs = jax.lax.cond(live_length > start, lambda xs: tuple(
+                jax.lax.dynamic_update_slice_in_dim(x, take(jax.lax.slice_in_dim(x, start, length, axis=x.ndim - 3)),
+                                                    start, axis=x.ndim - 3) for x in xs), lambda xs: xs, xs)
+        for i, x in zip(group, xs):
+            leaves[i] = x
+    return jax.tree_util.tree_unflatten(treedef, [precision.from_bits(x, d) for x, d in zip(leaves, dtypes)])
+
+
+def written_positions(cache):
+    """The number of positions the decoder has written into `cache` (its "index" counter), or None."""
+    counters = [leaf for path, leaf in jax.tree_util.tree_flatten_with_path(cache)[0]
+                if getattr(path[-1], "key", None) == "index"]
+    return counters[0] if counters else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,7 +237,7 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
         live_logprobs, live_pick = jax.lax.top_k(jnp.where(is_eos, NEG_INF, top_logprobs), w)
         live_tokens = jnp.take_along_axis(top_tokens, live_pick[..., None], axis=1)
         source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, W]
-        cache = reorder_beams(cache, source_beam)
+        cache = reorder_beams(cache, source_beam, live_length=written_positions(cache))
 
         # Finished set: merge the old finished with candidates that just ended (or hit max length).
         at_end = step == max_length - 1

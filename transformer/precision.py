@@ -134,3 +134,24 @@ def copying_transpose(x, perm):
 
 
 _mixed_einsum.defvjp(_forward, _backward)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving 16-bit floats without arithmetic.
+
+
+def as_bits(x):
+    """16-bit floats viewed as uint16 (a free bitcast); anything else as it is.
+
+    XLA's CPU backend computes gathers and dynamic-update-slices of bfloat16 in float32: it converts
+    the whole operand and writes a new buffer, so a decoding cache updated in place at every step
+    becomes a full copy and two conversions. Moved as integers, the bits go through untouched and
+    the update stays in place. `from_bits(as_bits(x), x.dtype)` is `x`.
+    """
+    return jax.lax.bitcast_convert_type(x, jnp.uint16) if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(
+        x.dtype, jnp.floating) else x
+
+
+def from_bits(x, dtype):
+    """The inverse of `as_bits` for an array of `dtype`."""
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
