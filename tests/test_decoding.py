@@ -127,7 +127,7 @@ def test_cached_scores_equal_full_forward_scores(translation_model):
     np.testing.assert_allclose(cached_scores, full_scores, rtol=1e-5)
 
 
-@pytest.mark.parametrize("live_length", [0, 1, 5, 16, 17, 32, 33, 37])
+@pytest.mark.parametrize("live_length", [0, 1, 17, 33, 37])
 def test_reorder_beams_moves_the_live_positions_like_a_whole_cache_gather(live_length):
     # Cache length 37 = two 16-position blocks and a 5-position tail.
     rng = np.random.default_rng(live_length)
