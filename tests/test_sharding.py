@@ -96,6 +96,7 @@ def test_sharded_training_matches_single_device(single_device_run, mesh_shape):
     assert (covered == mesh.shape["data"]).all(), np.unique(covered)
 
 
+@pytest.mark.slow  # end to end (~20-35 s); the default suite stays under 10 minutes on 2 cores
 def test_gradient_accumulation_equals_one_large_batch():
     config = sharded_config()
     config.dropout = False

@@ -33,6 +33,7 @@ def test_copy_task_learns(tmp_path):
     assert os.path.exists(tmp_path / "config.json")
 
 
+@pytest.mark.slow  # end to end (~20-35 s); the default suite stays under 10 minutes on 2 cores
 @pytest.mark.parametrize("module", [lm_synthetic, mlm_synthetic])
 def test_lm_and_mlm_reduce_loss(tmp_path, module):
     config = module.get_config()
@@ -83,6 +84,7 @@ def test_train_and_eval_steps_compile_once(tmp_path, monkeypatch):
     assert len(evals) == 4 and traces == {"train_step": 1, "eval_step": 1}, (evals, traces)
 
 
+@pytest.mark.slow  # end to end (~20-35 s); the default suite stays under 10 minutes on 2 cores
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
     """A healthy run resumed with a diverging learning rate stops at the next log step, keeping its checkpoints."""
     workdir = str(tmp_path)
@@ -102,6 +104,7 @@ def test_divergence_stops_the_run_and_saves_nothing_non_finite(tmp_path):
     assert np.isfinite(final["loss"])
 
 
+@pytest.mark.slow  # end to end (~20-35 s); the default suite stays under 10 minutes on 2 cores
 def test_interrupted_run_resumes_exactly(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     training.train_and_evaluate(small_config(10), straight)

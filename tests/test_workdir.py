@@ -61,6 +61,7 @@ def test_a_changed_model_is_refused_before_anything_is_overwritten(tmp_path):
     assert step == 2
 
 
+@pytest.mark.slow  # end to end (~20-35 s); the default suite stays under 10 minutes on 2 cores
 def test_metrics_stay_monotonic_across_a_crash_and_resume(tmp_path):
     run = str(tmp_path / "run")
     training.train_and_evaluate(small_config(4), run)
