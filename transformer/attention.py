@@ -181,29 +181,49 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
 
     @jax.checkpoint  # recompute each block's probabilities in the backward pass instead of storing them
     def step(carry, block):
-        running_max, denominator, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         logits = precision.einsum("BTKGH,BSKH->BKGTS", query, block["key"], query.dtype, out_dtype=jnp.float32)
         if "bias" in block:
             logits = logits + block["bias"]
-        logits = jnp.where(block["mask"], logits, _MASKED)
-        new_max = jnp.maximum(running_max, logits.max(axis=-1))
-        probs = jnp.exp(logits - new_max[..., None]) * block["mask"]  # masked keys contribute exactly 0
-        correction = jnp.exp(running_max - new_max)
-        denominator = denominator * correction + probs.sum(axis=-1)
+        dropout = None
         if dropout_rate > 0.0:
             # Dropping unnormalised weights equals dropping normalised ones: the row scale is shared.
-            probs = _dropout(jax.random.fold_in(dropout_rng, block["index"]), probs, dropout_rate)
-        acc = acc * correction[..., None] + precision.einsum(
-            "BKGTS,BSKH->BKGTH", probs, block["value"], value.dtype, out_dtype=jnp.float32)
-        return (new_max, denominator, acc), None
+            dropout = functools.partial(_dropout, jax.random.fold_in(dropout_rng, block["index"]), rate=dropout_rate)
+        return _online_softmax_block(carry, logits, block["mask"], block["value"], dropout), None
 
+    (_, denominator, acc), _ = jax.lax.scan(step, _online_softmax_init(batch, num_kv_heads, groups, q_len, head_dim),
+                                            xs)
+    return _online_softmax_output(denominator, acc, query.dtype)
+
+
+def _online_softmax_init(batch, num_kv_heads, groups, q_len, head_dim):
+    """(running max, denominator, accumulator) before the first key block: [B, K, G, T] x 2, [B, K, G, T, H]."""
     stats_shape = (batch, num_kv_heads, groups, q_len)
-    init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+    return (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
             jnp.zeros(stats_shape + (head_dim,), jnp.float32))
-    (_, denominator, acc), _ = jax.lax.scan(step, init, xs)
-    out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
+
+
+def _online_softmax_block(carry, logits, keep, value, dropout=None):
+    """The online softmax's update for one key block: logits [B, K, G, T, C] float32, keep
+    broadcastable to them (False = the key takes no weight), value [B, C, K, H]."""
+    running_max, denominator, acc = carry
+    logits = jnp.where(keep, logits, _MASKED)
+    new_max = jnp.maximum(running_max, logits.max(axis=-1))
+    probs = jnp.exp(logits - new_max[..., None]) * keep  # masked keys contribute exactly 0
+    correction = jnp.exp(running_max - new_max)
+    denominator = denominator * correction + probs.sum(axis=-1)
+    if dropout is not None:
+        probs = dropout(probs)
+    acc = acc * correction[..., None] + precision.einsum(
+        "BKGTS,BSKH->BKGTH", probs, value, value.dtype, out_dtype=jnp.float32)
+    return new_max, denominator, acc
+
+
+def _online_softmax_output(denominator, acc, dtype):
+    """[B, K, G, T], [B, K, G, T, H] -> attention output [B, T, N, H]; rows with no key stay 0."""
+    out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]
+    batch, num_kv_heads, groups, q_len, head_dim = out.shape
     out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+    return out.reshape(batch, q_len, num_kv_heads * groups, head_dim).astype(dtype)
 
 
 PREFIX_BLOCK = 16  # keys per block of `_prefix_attention`
@@ -228,7 +248,6 @@ def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PRE
         return x if x.shape[-1] == 1 else jax.lax.dynamic_slice_in_dim(x, start, block, axis=x.ndim - 1)
 
     def step(i, carry):
-        running_max, denominator, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         first = i * block
         start = jnp.minimum(first, kv_len - block)
         positions = start + jnp.arange(block)
@@ -240,23 +259,12 @@ def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PRE
         logits = precision.einsum("BTKGH,BSKH->BKGTS", query, k, query.dtype, out_dtype=jnp.float32)
         if bias is not None:
             logits = logits + keys(bias, start)
-        logits = jnp.where(live, logits, _MASKED)
-        new_max = jnp.maximum(running_max, logits.max(axis=-1))
-        probs = jnp.exp(logits - new_max[..., None]) * live  # keys not live contribute exactly 0
-        correction = jnp.exp(running_max - new_max)
-        denominator = denominator * correction + probs.sum(axis=-1)
-        acc = acc * correction[..., None] + precision.einsum(
-            "BKGTS,BSKH->BKGTH", probs, v, value.dtype, out_dtype=jnp.float32)
-        return new_max, denominator, acc
+        return _online_softmax_block(carry, logits, live, v)
 
-    stats_shape = (batch, num_kv_heads, groups, q_len)
-    init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-            jnp.zeros(stats_shape + (head_dim,), jnp.float32))
     num_blocks = jnp.clip((kv_length + block - 1) // block, 0, -(-kv_len // block))
-    _, denominator, acc = jax.lax.fori_loop(0, num_blocks, step, init)
-    out = acc / jnp.where(denominator > 0, denominator, 1.0)[..., None]  # rows with no key stay 0
-    out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(query.dtype)
+    _, denominator, acc = jax.lax.fori_loop(0, num_blocks, step,
+                                            _online_softmax_init(batch, num_kv_heads, groups, q_len, head_dim))
+    return _online_softmax_output(denominator, acc, query.dtype)
 
 
 def _on_tpu() -> bool:

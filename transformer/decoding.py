@@ -17,7 +17,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from transformer import precision
 from transformer.tokens import PAD_ID
 
 NEG_INF = -1.0e7  # finite "impossible" log-probability: keeps arithmetic NaN-free
@@ -64,7 +63,8 @@ REORDER_BLOCK = 16  # cache positions moved together when beams are reordered
 def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLOCK):
     """Beam w of batch row b takes the cached keys/values of beam `source_beam[b, w]` of the same row.
 
-    Cached keys/values are [..., B * W, S, K, H] (beam-major within a row); counters stay. The
+    Cached keys/values are [..., B * W, S, K, H] (beam-major within a row; 16-bit ones stored as
+    bits by `MultiHeadAttention`, so they move in place on CPU too); counters stay. The
     gather never crosses batch rows, so with the batch split over devices no cache moves between them.
 
     `live_length` (a traced scalar): only positions [0, live_length) hold keys yet, so only the
@@ -84,12 +84,11 @@ def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLO
     leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
     moving = [i for i, (path, _) in enumerate(leaves) if getattr(path[-1], "key", None) in ("cached_key",
                                                                                           "cached_value")]
-    dtypes = [leaf.dtype for _, leaf in leaves]
-    leaves = [precision.as_bits(leaf) for _, leaf in leaves]  # moved as bits: bfloat16 stays in place on CPU
+    leaves = [leaf for _, leaf in leaves]
     if live_length is None:
         for i in moving:
             leaves[i] = take(leaves[i])
-        return jax.tree_util.tree_unflatten(treedef, [precision.from_bits(x, d) for x, d in zip(leaves, dtypes)])
+        return jax.tree_util.tree_unflatten(treedef, leaves)
 
     by_length = {}  # cache length -> indices of the leaves of that length (one loop per length)
     for i in moving:
@@ -114,7 +113,7 @@ def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLO
                                                     start, axis=x.ndim - 3) for x in xs), lambda xs: xs, xs)
         for i, x in zip(group, xs):
             leaves[i] = x
-    return jax.tree_util.tree_unflatten(treedef, [precision.from_bits(x, d) for x, d in zip(leaves, dtypes)])
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def written_positions(cache):
