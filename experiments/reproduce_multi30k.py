@@ -8,7 +8,8 @@
 
 Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
 otherwise the files are downloaded. Prints progress, then a results table; writes
-<workdir>/results.json. Rerunning resumes training where it stopped.
+<workdir>/results.json and the training curves <workdir>/plots/training.png (`experiments.plot`).
+Rerunning resumes training where it stopped.
 """
 
 import json
@@ -20,7 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from experiments import cli
-from transformer import inference, runtime, training
+from transformer import inference, plots, runtime, training
 from transformer.run_config import TrainConfig
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -63,6 +64,7 @@ def main(argv):
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
+        print("Training curves:", plots.plot_training([workdir], os.path.join(workdir, "plots", "training.png")))
     print()
     print(f"| split | BLEU (cased) | BLEU (lowercased) | perplexity |  ({results['steps']} steps, "
           f"{results['train_minutes']:.1f} min training, {results['total_minutes']:.1f} min in all)")

@@ -22,6 +22,7 @@ def test_reserved_ids(tok):
     assert (tok.pad_id, tok.eos_id, tok.unk_id) == (0, 1, 2)
     assert tok.vocab_size == 600
     assert tok.encode("漢")[-1] == tok.unk_id  # a character never seen in training
+    assert tok.pieces([tok.pad_id, tok.eos_id, tok.unk_id]) == ["<pad>", "</s>", "<unk>"]
 
 
 def test_round_trip_on_held_out_sentences(tok, read_lines):

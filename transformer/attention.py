@@ -17,7 +17,8 @@ Axis legend, used in every shape and einsum string of this package:
     Pallas interpret mode elsewhere (slow; for tests). No bias, no attention dropout; decoding steps
     with a cache take the reference kernel.
 All agree on masked inputs, and all return zeros for a query whose keys are all masked (a padding
-query), rather than an average of values.
+query), rather than an average of values. `attention_weights` returns the weights themselves, for
+attention maps (`MultiHeadAttention` sows them when asked: `transformer.attention_maps`).
 """
 
 from __future__ import annotations
@@ -103,6 +104,27 @@ def dot_product_attention(
     raise ValueError(f"Unknown attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}.")
 
 
+def attention_weights(query, key, mask=None, bias=None, *, kv_length=None):
+    """The weights softmax(Q K^T / sqrt(d_k) + bias) of `dot_product_attention`, for attention maps.
+
+    Computed as the "reference" kernel computes them (the other kernels agree with it), with the
+    same arguments: query [B, T, N, H]; key [B, S, K, H]; mask, bias broadcastable to [B, N, T, S]
+    (mask may be a `masking.SegmentMask`); kv_length as there. Before attention dropout.
+    Returns:
+      [B, N, T, S] float32, key/value heads repeated over their G query heads; 0 on masked keys,
+      so each row sums to 1 over its unmasked keys, and a row with no unmasked key is all 0.
+    """
+    batch, q_len, num_heads, _ = query.shape
+    kv_len = key.shape[1]
+    if isinstance(mask, masking.SegmentMask):
+        mask = mask.dense(q_len, kv_len)
+    if kv_length is not None:
+        live = (jnp.arange(kv_len) < kv_length)[None, None, None, :]  # cache positions written so far
+        mask = live if mask is None else mask & live
+    weights = _reference_weights(query, key, mask, bias)  # [B, K, G, T, S]
+    return weights.reshape(batch, num_heads, q_len, kv_len)
+
+
 def _group_heads(x, num_kv_heads):
     """[B, N or 1, T, S] -> [B, K or 1, G or 1, T, S], splitting query heads into kv groups."""
     if x.shape[1] == 1:
@@ -115,7 +137,8 @@ def _dropout(rng, weights, rate):
     return jnp.where(keep, weights / (1.0 - rate), 0.0)
 
 
-def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rng):
+def _reference_weights(query, key, mask, bias):
+    """The reference kernel's softmax weights [B, K, G, T, S] float32: 0 on masked keys."""
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     query = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, H]
@@ -130,6 +153,12 @@ def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rn
     weights = jax.nn.softmax(logits, axis=-1)
     if mask is not None:
         weights = jnp.where(mask, weights, 0.0)  # a fully masked row attends to nothing
+    return weights
+
+
+def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rng):
+    batch, q_len, num_heads, head_dim = query.shape
+    weights = _reference_weights(query, key, mask, bias)  # [B, K, G, T, S]
     if dropout_rate > 0.0:
         weights = _dropout(dropout_rng, weights, dropout_rate)
     out = precision.einsum("BKGTS,BSKH->BTKGH", weights, value, value.dtype)
@@ -352,9 +381,12 @@ def _splash_attention(query, key, value, segments: masking.SegmentMask, *, inter
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (paper, Sec. 3.2.2) with grouped key/value heads and a decoding cache.
 
-    Projections W^Q [D, N, H], W^K, W^V [D, K, H], W^O [N, H, D]; no biases, as in tensor2tensor.
+    Projections W^Q [D, N, H], W^K, W^V [D, K, H], W^O [N, H, D]; no biases, as in tensor2tensor,
+    unless `use_bias` (then b^Q [N, H], b^K, b^V [K, H], b^O [D], as in Marian and fairseq).
     With `decode=True` the keys and values of each call are written into a cache at `decode_index`
     and the queries attend over the whole cache; the caller's mask decides which entries are live.
+    Applied with `mutable=["intermediates"]`, it also sows its attention weights [B, N, T, S] float32
+    (`attention_weights`) as `intermediates/.../attention_weights`, a one-element tuple.
     """
 
     num_heads: int
@@ -364,6 +396,7 @@ class MultiHeadAttention(nn.Module):
     implementation: str = "fused"
     chunk_size: int = 128
     use_rope: bool = False
+    use_bias: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -386,15 +419,20 @@ class MultiHeadAttention(nn.Module):
         w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"), (0, 1), 2)
+        b_q, b_k, b_v, b_o = (self._bias(name, shape, axes) for name, shape, axes in (
+            ("query_bias", (self.num_heads, self.head_dim), ("heads", "head_dim")),
+            ("key_bias", (num_kv_heads, self.head_dim), ("kv_heads", "head_dim")),
+            ("value_bias", (num_kv_heads, self.head_dim), ("kv_heads", "head_dim")),
+            ("out_bias", (d_model,), ("embed",))))
 
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
-        query = precision.einsum("BTD,DNH->BTNH", inputs_q, w_q, self.dtype)
+        query = self._project("BTD,DNH->BTNH", inputs_q, w_q, b_q)
         if decode and static_kv:
-            key, value = self._static_keys_values(inputs_kv, w_k, w_v)
+            key, value = self._static_keys_values(inputs_kv, (w_k, b_k), (w_v, b_v))
             decode = False  # nothing to append: the keys are the encoder's, the same at every step
         else:
-            key = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_k, self.dtype)
-            value = precision.einsum("BSD,DKH->BSKH", inputs_kv, w_v, self.dtype)
+            key = self._project("BSD,DKH->BSKH", inputs_kv, w_k, b_k)
+            value = self._project("BSD,DKH->BSKH", inputs_kv, w_v, b_v)
         if self.use_rope:
             query = positional.apply_rope(query, query_positions)
             key = positional.apply_rope(key, key_positions)
@@ -414,17 +452,32 @@ class MultiHeadAttention(nn.Module):
         out = dot_product_attention(
             query, key, value, mask, bias, implementation=self.implementation, dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng, chunk_size=self.chunk_size, kv_length=kv_length)  # [B, T, N, H]
-        out = precision.einsum("BTNH,NHD->BTD", out, w_o, self.dtype)
+        if self.is_mutable_collection("intermediates"):
+            # Attention maps, only when the caller asks for them (`apply(..., mutable=["intermediates"])`):
+            # otherwise nothing here is traced and the model compiles exactly as without this branch.
+            self.sow("intermediates", "attention_weights",
+                     attention_weights(query, key, mask, bias, kv_length=kv_length))  # [B, N, T, S]
+        out = self._project("BTNH,NHD->BTD", out, w_o, b_o)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
-    def _static_keys_values(self, inputs_kv, w_k, w_v):
+    def _bias(self, name, shape, axes):
+        """A zero-initialised float32 bias parameter, or None without `use_bias`."""
+        if not self.use_bias:
+            return None
+        return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.float32)
+
+    def _project(self, equation, x, kernel, bias):
+        y = precision.einsum(equation, x, kernel, self.dtype)
+        return y if bias is None else y + bias.astype(y.dtype)
+
+    def _static_keys_values(self, inputs_kv, key_weights, value_weights):
         """Keys and values [B, S, K, H] of `inputs_kv`, projected when the cache is made (the first
         decoding call, `decoding.init_cache`), read back from it at every later step."""
-        def project(w):  # called only while the cache is made
-            return lambda: precision.einsum("BSD,DKH->BSKH", inputs_kv, w, self.dtype)
+        def project(weights):  # called only while the cache is made
+            return lambda: self._project("BSD,DKH->BSKH", inputs_kv, *weights)
 
-        key = self.variable("cache", "static_key", project(w_k))
-        value = self.variable("cache", "static_value", project(w_v))
+        key = self.variable("cache", "static_key", project(key_weights))
+        value = self.variable("cache", "static_value", project(value_weights))
         return key.value, value.value
 
     def _update_cache(self, key, value, decode_index):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 ATTENTION_KINDS = ("reference", "fused", "chunked", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope", "relative", "alibi")
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -37,8 +37,10 @@ class ModelConfig:
     attention: str = "fused"  # one of ATTENTION_KINDS: which dot_product_attention kernel to use
     attention_chunk_size: int = 128  # key block length of the "chunked" kernel
     sliding_window: int | None = None  # local self-attention: attend only to keys with |i - j| < window
-    activation: str = "relu"  # one of ACTIVATIONS (paper: ReLU)
+    activation: str = "relu"  # one of ACTIVATIONS (paper: ReLU; gelu is the tanh approximation)
     norm: str = "layernorm"  # one of NORM_KINDS
+    norm_epsilon: float = 1e-6  # added to the variance in every norm (PyTorch's and Marian's default: 1e-5)
+    attention_bias: bool = False  # biases on the Q, K, V and output projections (the paper's are unbiased)
     norm_position: str = "post"  # "post" = paper (LayerNorm(x + Sublayer(x))); "pre" = x + Sublayer(LayerNorm(x))
     share_embeddings: bool = True  # one embedding matrix for source and target tokens (paper, Sec. 3.4)
     tie_output: bool = True  # pre-softmax projection = transposed target embedding (paper, Sec. 3.4)
@@ -71,6 +73,8 @@ class ModelConfig:
         _check_choice(self, "position", POSITION_KINDS)
         _check_choice(self, "attention", ATTENTION_KINDS)
         _check_choice(self, "activation", ACTIVATIONS)
+        if not self.norm_epsilon > 0.0:
+            raise ValueError(f"ModelConfig.norm_epsilon={self.norm_epsilon} must be positive (e.g. 1e-6).")
         _check_choice(self, "norm", NORM_KINDS)
         _check_choice(self, "norm_position", NORM_POSITIONS)
         _check_choice(self, "dtype", tuple(DTYPES))

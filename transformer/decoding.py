@@ -189,14 +189,24 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 # Beam search.
 
 
-def length_penalty(length, alpha: float):
-    """Wu et al. (2016): ((5 + length) / 6) ** alpha."""
+LENGTH_PENALTIES = ("gnmt", "power")
+
+
+def length_penalty(length, alpha: float, form: str = "gnmt"):
+    """"gnmt": Wu et al. (2016), ((5 + length) / 6) ** alpha; "power": length ** alpha (fairseq's and
+    Hugging Face's `length_penalty`). `length` counts the output tokens, EOS included."""
+    if form == "power":
+        return jnp.asarray(length, jnp.float32) ** alpha
+    if form != "gnmt":
+        raise ValueError(f"length penalty form {form!r}: use one of {LENGTH_PENALTIES}.")
     return ((5.0 + length) / 6.0) ** alpha
 
 
 def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: int, eos_id: int,
-                alpha: float = 0.6):
+                alpha: float = 0.6, penalty: str = "gnmt"):
     """Beam search over a cache already expanded to [B * W, ...] rows (W = beam width; beam-major within a row).
+
+    Finished hypotheses are scored log P(y) / length_penalty(|y|, alpha, penalty).
 
     Returns:
       (tokens [B, W, max_length], scores [B, W]) sorted best first; tokens end with EOS
@@ -241,7 +251,7 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
         # Finished set: merge the old finished with candidates that just ended (or hit max length).
         at_end = step == max_length - 1
         ends = is_eos | at_end
-        new_scores = jnp.where(ends, top_logprobs / length_penalty(step + 1, alpha), NEG_INF)
+        new_scores = jnp.where(ends, top_logprobs / length_penalty(step + 1, alpha, penalty), NEG_INF)
         scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [B, 3W]
         tokens = jnp.concatenate([state["finished_tokens"], top_tokens], axis=1)
         finished_scores, finished_pick = jax.lax.top_k(scores, w)
@@ -250,9 +260,9 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
                     finished_tokens=finished_tokens, finished_scores=finished_scores, cache=cache)
 
     def cond(state):
-        # Log-probabilities only fall as sequences grow, and the penalty is largest at max_length:
-        # that bounds what any live beam can still reach.
-        best_possible = state["live_logprobs"][:, 0] / length_penalty(max_length, alpha)
+        # Log-probabilities only fall as sequences grow, and the penalty (alpha >= 0) is largest at
+        # max_length: that bounds what any live beam can still reach.
+        best_possible = state["live_logprobs"][:, 0] / length_penalty(max_length, alpha, penalty)
         worst_finished = state["finished_scores"][:, -1]
         can_improve = jnp.any(best_possible > worst_finished)
         return (state["step"] < max_length) & can_improve
@@ -271,7 +281,7 @@ def expand_beams(x, beam_size: int):
 
 
 def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: float = 0.6,
-              max_extra_length: int = 50):
+              max_extra_length: int = 50, penalty: str = "gnmt"):
     """EncoderDecoder inputs [B, S] -> best outputs [B, S + max_extra_length] (greedy when beam_size == 1)."""
     batch = inputs.shape[0]
     max_length = inputs.shape[1] + max_extra_length
@@ -282,5 +292,5 @@ def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: 
     encoded, beam_inputs = expand_beams(encoded, beam_size), expand_beams(inputs, beam_size)
     cache = init_cache(model, params, max_length, batch * beam_size, encoded, beam_inputs)
     tokens, _ = beam_search(encoder_decoder_step_fn(model, params, encoded, beam_inputs), cache, batch, beam_size,
-                            max_length, eos_id, alpha)
+                            max_length, eos_id, alpha, penalty)
     return tokens[:, 0]

@@ -34,7 +34,8 @@ class Translator:
     """Batched translation with a trained model; `tokenizer` has encode(str) -> ids, decode(ids) -> str."""
 
     def __init__(self, model, tokenizer, *, beam_size: int = 4, alpha: float = 0.6, batch_size: int = 64,
-                 max_input_length: int = 256, max_extra_length: int = 50, sharding=None):
+                 max_input_length: int = 256, max_extra_length: int = 50, length_penalty: str = "gnmt",
+                 sharding=None):
         self.model, self.tokenizer = model, tokenizer
         if batch_size <= 0:
             raise ValueError(f"batch_size={batch_size} must be positive.")
@@ -48,12 +49,13 @@ class Translator:
         self.sharding = sharding
         self._translate = jax.jit(functools.partial(
             decoding.translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, alpha=alpha,
-            max_extra_length=max_extra_length))
+            max_extra_length=max_extra_length, penalty=length_penalty))
 
     @classmethod
     def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None, **overrides) -> "Translator":
         """A Translator with a run's `DecodeConfig` (beam_size, alpha, batch_size); `overrides` replace any of them."""
-        settings = dict(beam_size=decode.beam_size, alpha=decode.alpha, batch_size=decode.batch_size)
+        settings = dict(beam_size=decode.beam_size, alpha=decode.alpha, length_penalty=decode.length_penalty,
+                        batch_size=decode.batch_size)
         settings.update({k: v for k, v in overrides.items() if v is not None})
         return cls(model, tokenizer, max_input_length=max_input_length, sharding=sharding, **settings)
 

@@ -19,7 +19,7 @@ from transformer import precision
 from transformer.attention import MultiHeadAttention, dense_kernel
 from transformer.config import ModelConfig
 
-_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+_ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
 
 class FeedForward(nn.Module):
@@ -71,18 +71,19 @@ class Dense(nn.Module):
         return dense(self, "kernel", x.astype(self.dtype), self.features, self.axes, self.use_bias, bias_name="bias")
 
 
-def make_norm(kind: str, dtype, name: str) -> nn.Module:
-    """LayerNorm (Ba et al. 2016, the paper's choice) or RMSNorm (Zhang & Sennrich 2019)."""
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    """LayerNorm (Ba et al. 2016, the paper's choice) or RMSNorm (Zhang & Sennrich 2019), as `cfg` says."""
     scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-    if kind == "rmsnorm":
-        return nn.RMSNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, name=name)
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, scale_init=scale_init, name=name)
     bias_init = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
-    return nn.LayerNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, bias_init=bias_init, name=name)
+    return nn.LayerNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, scale_init=scale_init,
+                        bias_init=bias_init, name=name)
 
 
 def residual(cfg: ModelConfig, name: str, x, sublayer: Callable, deterministic: bool):
     """Residual connection around `sublayer`, with dropout and post- or pre-normalisation."""
-    norm = make_norm(cfg.norm, cfg.compute_dtype, name=f"{name}_norm")
+    norm = make_norm(cfg, name=f"{name}_norm")
     dropout = nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")
     if cfg.norm_position == "pre":
         return x + dropout(sublayer(norm(x)), deterministic=deterministic)
@@ -93,7 +94,7 @@ def _attention(cfg: ModelConfig, name: str, use_rope: bool) -> MultiHeadAttentio
     return MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
         dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention, chunk_size=cfg.attention_chunk_size,
-        use_rope=use_rope, dtype=cfg.compute_dtype, name=name)
+        use_rope=use_rope, use_bias=cfg.attention_bias, dtype=cfg.compute_dtype, name=name)
 
 
 def _feed_forward(cfg: ModelConfig) -> FeedForward:

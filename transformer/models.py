@@ -113,7 +113,7 @@ def _apply_layers(cfg: ModelConfig, layer_cls, num_layers: int, x, args, num_sta
         return x
     scanned = nn.scan(
         layer_cls,
-        variable_axes={"params": 0, "cache": 0},
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # attention maps stacked [L, ...]
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * len(args),
         length=num_layers,
@@ -138,7 +138,7 @@ class Encoder(nn.Module):
         bias = _position_bias(cfg, positions, positions, bidirectional=True)
         x = _apply_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, (mask, bias, positions, deterministic), 1)
         if cfg.norm_position == "pre":
-            x = make_norm(cfg.norm, cfg.compute_dtype, name="final_norm")(x)
+            x = make_norm(cfg, name="final_norm")(x)
         return x
 
 
@@ -183,7 +183,7 @@ class Decoder(nn.Module):
         y = _apply_layers(cfg, DecoderLayer, cfg.num_decoder_layers, y, args, 2,
                           cross_attention=self.cross_attention)
         if cfg.norm_position == "pre":
-            y = make_norm(cfg.norm, cfg.compute_dtype, name="final_norm")(y)
+            y = make_norm(cfg, name="final_norm")(y)
         return y
 
     def _advance_cache(self, length):

@@ -31,6 +31,7 @@ from transformer.data import synthetic
 OBJECTIVES = ("translation", "lm", "mlm")  # EncoderDecoder, DecoderOnly, EncoderOnly
 BATCHINGS = ("pad", "bucket", "pack")
 TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
+LENGTH_PENALTIES = ("gnmt", "power")  # transformer.decoding.LENGTH_PENALTIES
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
 
@@ -82,7 +83,8 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     beam_size: int  # 1 = greedy
-    alpha: float  # length penalty (Wu et al. 2016)
+    alpha: float  # length penalty exponent
+    length_penalty: str  # its form: "gnmt" (Wu et al. 2016) or "power" (length ** alpha, as Hugging Face)
     batch_size: int  # sentences per decoding batch
     bleu_sentences: int  # eval sentences scored during training (0 = all)
 
@@ -342,8 +344,10 @@ class _Reader:
         return model
 
     def decode(self, f: dict) -> DecodeConfig:
-        out = DecodeConfig(**{name: self.take(f, f"decode.{name}", float if name == "alpha" else int)
-                              for name in ("beam_size", "alpha", "batch_size", "bleu_sentences")})
+        f.setdefault("length_penalty", "gnmt")  # absent from the config.json of older runs
+        kinds = dict(beam_size=int, alpha=float, length_penalty=str, batch_size=int, bleu_sentences=int)
+        out = DecodeConfig(**{name: self.take(f, f"decode.{name}", kind, choices=LENGTH_PENALTIES if
+                                              name == "length_penalty" else None) for name, kind in kinds.items()})
         for name in ("beam_size", "batch_size"):
             if getattr(out, name) <= 0:
                 self.fail(f"decode.{name}", "must be positive", getattr(out, name))

@@ -83,6 +83,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.decode = ml_collections.ConfigDict()
     config.decode.beam_size = placeholder(int)  # paper: beam 4, length penalty alpha 0.6
     config.decode.alpha = placeholder(float)
+    config.decode.length_penalty = placeholder(str)  # "gnmt": ((5 + |y|) / 6) ** alpha; "power": |y| ** alpha
     config.decode.batch_size = placeholder(int)  # sentences per decoding batch
     config.decode.bleu_sentences = placeholder(int)  # sentences scored during training (0 = the whole eval split)
 
@@ -101,7 +102,7 @@ def real_translation_data(config: ml_collections.ConfigDict, name: str, *, sourc
     """Points `config.data` at translation dataset `name` (TFDS splits "train" / "validation")."""
     config.data.update(name=name, source_lang=source_lang, target_lang=target_lang, vocab_size=vocab_size,
                        tokenizer=tokenizer, train_split="train", eval_split="validation")
-    config.decode.update(beam_size=4, alpha=0.6, batch_size=64, bleu_sentences=0)
+    config.decode.update(beam_size=4, alpha=0.6, length_penalty="gnmt", batch_size=64, bleu_sentences=0)
 
 
 def synthetic_data(config: ml_collections.ConfigDict, *, batch_size: int, max_length: int, vocab_size: int,

@@ -58,6 +58,10 @@ class Tokenizer:
             ids = ids[:ids.index(EOS_ID)]
         return self._sp.decode([i for i in ids if i != PAD_ID])
 
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The SentencePiece piece of each id ("▁A", "▁man", "</s>"), for labelling token positions."""
+        return [self._sp.id_to_piece(int(i)) for i in ids]
+
     def serialized_model(self) -> bytes:
         return self._sp.serialized_model_proto()
 
