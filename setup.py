@@ -26,6 +26,7 @@ setuptools.setup(
         # Evaluation and metrics.
         "sacrebleu>=2.4",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
+        "matplotlib>=3.8",  # training plots and attention maps (experiments.plot, experiments.attention)
     ],
     extras_require={
         # The TPU runtime and compiler: jax[tpu] pins the libtpu that matches jax. On any Linux x86-64
@@ -34,7 +35,9 @@ setuptools.setup(
         # experiments.benchmarks.compare runs torch.nn.Transformer beside our model (the CPU build suffices).
         "bench": ["torch>=2.4"],
         # The plan tests compile for TPU on the CPU, so the tests need libtpu too (Linux x86-64 only).
-        "test": ["pytest>=8", "pytest-xdist>=3.6",
+        # Hugging Face MarianMT export and import (experiments.export, experiments.import_checkpoint).
+        "marian": ["torch>=2.4", "transformers>=5.0", "safetensors>=0.4"],
+        "test": ["pytest>=8", "pytest-xdist>=3.6", "torch>=2.4", "transformers>=5.0", "safetensors>=0.4",
                  "jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
     },
 )

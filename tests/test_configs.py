@@ -13,7 +13,7 @@ from transformer.run_config import TrainConfig
 
 
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
-           ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
+           ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("multi30k", "two_hours"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
 
 
 def load(name, arg):
@@ -48,9 +48,9 @@ def test_multi30k_paper_recipe():
 
 
 def test_multi30k_variants_share_the_model_and_reject_unknown_names():
-    models = {v: TrainConfig.from_dict(load("multi30k", v)).model for v in ("paper", "full", "hour")}
+    models = {v: TrainConfig.from_dict(load("multi30k", v)).model for v in ("paper", "full", "hour", "two_hours")}
     shape = lambda m: (m.num_encoder_layers, m.d_model, m.d_ff, m.num_heads)  # noqa: E731
-    assert shape(models["full"]) == shape(models["hour"]) == shape(models["paper"])
+    assert shape(models["full"]) == shape(models["hour"]) == shape(models["two_hours"]) == shape(models["paper"])
     with pytest.raises(ValueError, match="Unknown multi30k variant 'fast'"):
         load("multi30k", "fast")
 
