@@ -237,7 +237,7 @@ def test_an_imported_workdir_fine_tunes_and_translates(tmp_path, multi30k_dir, r
     run_command("experiments.import_checkpoint", "--format=marian", f"--from={source_dir}", f"--workdir={workdir}",
                 f"--config.data.manual_dir={multi30k_dir}", f"--config.data.data_dir={tmp_path / 'tfds'}")
     run_command("experiments.train", f"--config=experiments/configs/workdir.py:{workdir}", f"--workdir={workdir}",
-                "--config.num_train_steps=4", "--config.checkpoint.every=4",
+                "--config.num_train_steps=4", "--config.checkpoint.every=4", "--config.optimizer.warmup_steps=2",
                 "--config.max_train_minutes=0", "--config.data.batch_size=8", "--config.eval_every=4")
     _, _, _, _, step = inference.load_for_inference(workdir)
     assert step == 4

@@ -288,8 +288,11 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
 
 
 def _restore(ckpt: checkpointing.Checkpointer, trainer: Trainer, restart_data: bool):
-    """(state, data state or None, step) of the newest intact checkpoint; the data state is required."""
+    """(state, data state or None, step) of the newest intact checkpoint; the data state is required,
+    except at step 0 (an imported checkpoint: nothing has been read yet, the data starts at its beginning)."""
     state, step = ckpt.restore_intact(trainer.abstract_state)
+    if step == 0 and not os.path.exists(ckpt.data_state_path(step)):
+        return state, None, step
     try:
         data_state = ckpt.read_data_state(step)
         problem = None if data_state is not None else f"{ckpt.data_state_path(step)} is missing"
