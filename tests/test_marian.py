@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +40,7 @@ def random_params(cfg: ModelConfig, seed=0):
     """Our params with every leaf random (biases and norms included), as numpy."""
     model = models.EncoderDecoder(cfg)
     x = jnp.ones((1, 4), jnp.int32)
-    params = jax.tree.map(np.asarray, models.nn.meta.unbox(model.init(jax.random.PRNGKey(seed), x, x)["params"]))
+    params = jax.tree.map(np.asarray, nn.meta.unbox(model.init(jax.random.PRNGKey(seed), x, x)["params"]))
     rng = np.random.default_rng(seed)
     return jax.tree.map(lambda p: (p + 0.1 * rng.standard_normal(p.shape)).astype(np.float32), params)
 

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 ATTENTION_KINDS = ("reference", "fused", "chunked", "splash")
 POSITION_KINDS = ("sinusoidal", "learned", "rope", "relative", "alibi")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
+LENGTH_PENALTIES = ("gnmt", "power")  # beam search's forms (transformer.decoding.length_penalty)
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("post", "pre")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

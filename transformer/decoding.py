@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from transformer.config import LENGTH_PENALTIES
 from transformer.tokens import PAD_ID
 
 NEG_INF = -1.0e7  # finite "impossible" log-probability: keeps arithmetic NaN-free
@@ -187,9 +188,6 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 1.0):
 
 # ---------------------------------------------------------------------------------------------
 # Beam search.
-
-
-LENGTH_PENALTIES = ("gnmt", "power")
 
 
 def length_penalty(length, alpha: float, form: str = "gnmt"):

@@ -25,13 +25,12 @@ from typing import Mapping
 from absl import logging
 
 from transformer import schedules, tokens
-from transformer.config import ModelConfig
+from transformer.config import LENGTH_PENALTIES, ModelConfig
 from transformer.data import synthetic
 
 OBJECTIVES = ("translation", "lm", "mlm")  # EncoderDecoder, DecoderOnly, EncoderOnly
 BATCHINGS = ("pad", "bucket", "pack")
 TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
-LENGTH_PENALTIES = ("gnmt", "power")  # transformer.decoding.LENGTH_PENALTIES
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
 
