@@ -3,9 +3,10 @@
     python -m experiments.plot --workdir=runs/multi30k_hour       # -> runs/multi30k_hour/plots/training.png
     python -m experiments.plot --workdir=runs/a --workdir=runs/b --out=compare.png     # one line per run
 
-Reads each workdir's metrics.jsonl and draws every metric against step and against training time
-(the sum of the logged step times: metrics.jsonl has no timestamps) into one PNG; a metric that no
-run logged is left out. --out is a .png file, or a directory that gets training.png. Prints the path.
+Reads each workdir's metrics.jsonl and draws every metric against step and against wall-clock time
+(each record's `wall_time`; for files from before it was logged, the sum of the step times) into
+one PNG; a metric that no run logged is left out. --out is a .png file, or a directory that gets
+training.png. Prints the path.
 """
 
 import os

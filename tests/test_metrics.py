@@ -5,6 +5,7 @@ import io
 import json
 import os
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -75,7 +76,9 @@ def test_metrics_writer_writes_json_lines_and_events(tmp_path):
     writer.write(10, {"train/loss": np.float32(2.5), "train/accuracy": 0.25})
     # Readable before close: each write is flushed.
     with open(tmp_path / "metrics.jsonl") as f:
-        assert json.loads(f.readline()) == {"step": 10, "train/loss": 2.5, "train/accuracy": 0.25}
+        first = json.loads(f.readline())
+    assert abs(first.pop("wall_time") - time.time()) < 60  # a timestamp, not a metric (no event scalar)
+    assert first == {"step": 10, "train/loss": 2.5, "train/accuracy": 0.25}
     writer.write(20, {"eval/loss": 1.75})
     writer.close()
     writer = metrics.MetricsWriter(str(tmp_path), resume_step=20)  # a run resumed at step 20 appends
@@ -83,6 +86,8 @@ def test_metrics_writer_writes_json_lines_and_events(tmp_path):
     writer.close()
     with open(tmp_path / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
+    stamps = [r.pop("wall_time") for r in records]
+    assert stamps == sorted(stamps)
     assert records == [{"step": 10, "train/loss": 2.5, "train/accuracy": 0.25}, {"step": 20, "eval/loss": 1.75},
                        {"step": 30, "train/loss": 1.5}]
     event_files = sorted(glob.glob(str(tmp_path / "events.out.tfevents.*")))

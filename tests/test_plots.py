@@ -67,6 +67,12 @@ def test_records_and_the_training_time_axis(tmp_path):
     timed = [{"step": 10, "train/step_time": 0.6}, {"step": 30, "train/step_time": 1.5}]
     minutes = plots.training_minutes(timed, np.array([10.0, 20.0, 30.0]))
     np.testing.assert_allclose(minutes, np.array([6.0, 21.0, 36.0]) / 60)  # 10 * 0.6 s, then 20 * 1.5 s
+    # With timestamps: wall-clock time, the pause between steps 10 and 30 (an evaluation) included;
+    # the run started the first window's step time (10 * 0.6 s) before its first record.
+    stamped = [{**timed[0], "wall_time": 1000.0}, {"step": 10, "eval/loss": 2.0, "wall_time": 1090.0},
+               {**timed[1], "wall_time": 1120.0}]
+    minutes = plots.training_minutes(stamped, np.array([0.0, 10.0, 20.0, 30.0]))
+    np.testing.assert_allclose(minutes, np.array([0.0, 6.0, 66.0, 126.0]) / 60)
     with pytest.raises(FileNotFoundError, match="the workdir of a training run"):
         plots.read_metrics(str(tmp_path / "nowhere"))
     assert plots.run_labels(["a/run", "b/run", "c/other/"]) == ["a/run", "b/run", "other"]
@@ -85,3 +91,27 @@ def test_plot_command(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert "No metric to plot" in result.stderr
+
+
+@pytest.mark.slow
+def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
+    """The recipe's entry point end to end, shrunk to 4 updates of a 1-layer model: training, averaging,
+    BLEU on val and test, results.json, and the training curves it draws at the end."""
+    workdir = tmp_path / "run"
+    overrides = dict(num_train_steps=4, max_train_minutes=0, log_every=2, eval_every=4, bleu_every=0, prng_impl="",
+                     **{"optimizer.warmup_steps": 1, "checkpoint.every": 2, "model.num_layers": 1,
+                        "model.d_model": 32, "model.d_ff": 64, "model.num_heads": 2, "data.vocab_size": 300,
+                        "data.batch_size": 32, "data.eval_batch_size": 64, "decode.beam_size": 1,
+                        "decode.batch_size": 250})
+    command = [sys.executable, "-m", "experiments.reproduce_multi30k", f"--workdir={workdir}",
+               "--config=experiments/configs/multi30k.py:hour", f"--raw_dir={multi30k_dir}", "--num_average=2",
+               *(f"--config.{k}={v}" for k, v in overrides.items())]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(workdir / "results.json") as f:
+        results = json.load(f)
+    assert results["steps"] == 4 and results["averaged"] == [2, 4]
+    assert set(results["splits"]) == {"validation", "test"}
+    assert f"Training curves: {workdir / 'plots' / 'training.png'}" in result.stdout
+    image = read_png(str(workdir / "plots" / "training.png"))
+    assert image.shape[1] == 1000 and image.shape[0] > 600  # both columns, several metric rows

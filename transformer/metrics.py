@@ -66,11 +66,15 @@ def model_flops_per_token(model_cfg, objective: str, length: int) -> float:
         source_length=length, target_length=length, swiglu=model_cfg.activation == "swiglu")
 
 
+WALL_TIME = "wall_time"  # metrics.jsonl's timestamp of each record (time.time(), not a metric)
+
+
 class MetricsWriter:
     """Writes scalars to `<workdir>/metrics.jsonl` (one JSON object per write) and TensorBoard.
 
-    Each `write(step, scalars)` appends `{"step": step, **scalars}` as a line, flushed at once so the
-    file is readable while training, and the scalars to a tensorboardX event file in `workdir`.
+    Each `write(step, scalars)` appends `{"step": step, **scalars, "wall_time": unix seconds}` as a
+    line, flushed at once so the file is readable while training, and the scalars to a tensorboardX
+    event file in `workdir` (which keeps its own wall time).
     A resumed run extends the same file from `resume_step` on: records past it (written after the
     checkpoint it resumes from) are dropped first, so steps stay increasing. `enabled=False`
     (processes other than 0) writes nothing and creates no files.
@@ -93,7 +97,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         scalars = {name: float(value) for name, value in scalars.items()}  # numpy / jax scalars too
-        self._jsonl.write(json.dumps({"step": int(step), **scalars}) + "\n")
+        self._jsonl.write(json.dumps({"step": int(step), **scalars, WALL_TIME: time.time()}) + "\n")
         self._jsonl.flush()
         for name, value in scalars.items():
             self._tensorboard.add_scalar(name, value, int(step))

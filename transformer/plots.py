@@ -19,6 +19,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from transformer import metrics
+
 # (metrics.jsonl key, panel title), in the order the panels are drawn; a metric no run wrote is left out.
 TRAINING_METRICS = (
     ("train/loss", "training loss"),
@@ -28,7 +30,7 @@ TRAINING_METRICS = (
     ("train/tokens_per_s", "tokens/s"),
 )
 _COMPANIONS = {"eval/bleu": "eval/bleu_lc"}  # drawn dashed in the same panel
-TIME_LABEL = "training time (min)"
+TIME_LABEL = "wall-clock time (min)"
 
 
 def _figure(**kwargs):
@@ -65,19 +67,30 @@ def series(records: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def training_minutes(records: Sequence[dict], steps: np.ndarray) -> np.ndarray | None:
-    """Minutes of training at each of `steps`; None if the run logged no step times.
+    """Minutes since the run started at each of `steps`; None if the run logged neither times nor step times.
 
-    metrics.jsonl has no timestamps: the time is the sum of the logged `train/step_time` (seconds
-    per step, averaged over each logging window) times the steps of each window, interpolated
-    between windows. It includes the first window's compilation; evaluation and checkpoints,
-    which run between windows, are left out.
+    Records with a `wall_time` (metrics.MetricsWriter writes one) give true wall-clock time,
+    evaluation, checkpoints and any pause before a resume included. The run's start is the first
+    record's time less the step time of the steps before it (mostly compilation). Older files
+    without timestamps: the sum of the logged `train/step_time` (seconds per step, averaged over
+    each logging window) times the steps of each window, training only.
+    Both are interpolated between records.
     """
     logged, step_time = series(records, "train/step_time")
+    window = np.diff(logged, prepend=0.0)  # steps in each logging window
+    summed = np.concatenate([[0.0], np.cumsum(window * step_time) / 60.0])
+    summed_steps = np.concatenate([[0.0], logged])
+    stamped = {}
+    for record in sorted((r for r in records if metrics.WALL_TIME in r), key=lambda r: r[metrics.WALL_TIME]):
+        stamped.setdefault(float(record["step"]), float(record[metrics.WALL_TIME]))  # a step's first record
+    if stamped:
+        stamp_steps, stamps = np.array(sorted(stamped)), np.array([stamped[s] for s in sorted(stamped)])
+        before = np.interp(stamp_steps[0], summed_steps, summed) if len(logged) else 0.0
+        minutes = before + (stamps - stamps[0]) / 60.0
+        return np.interp(steps, np.concatenate([[0.0], stamp_steps]), np.concatenate([[0.0], minutes]))
     if not len(logged):
         return None
-    window = np.diff(logged, prepend=0.0)  # steps in each logging window
-    minutes = np.cumsum(window * step_time) / 60.0
-    return np.interp(steps, np.concatenate([[0.0], logged]), np.concatenate([[0.0], minutes]))
+    return np.interp(steps, summed_steps, summed)
 
 
 def run_labels(workdirs: Sequence[str]) -> list[str]:
@@ -87,7 +100,7 @@ def run_labels(workdirs: Sequence[str]) -> list[str]:
 
 
 def plot_training(workdirs: Sequence[str], path: str) -> str:
-    """Draws the `TRAINING_METRICS` of every run against step (left) and training time (right) into `path`.
+    """Draws the `TRAINING_METRICS` of every run against step (left) and wall-clock time (right) into `path`.
 
     One line per run, labelled by its workdir's name; one row per metric that any run wrote.
     Returns `path`.
