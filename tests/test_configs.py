@@ -13,7 +13,8 @@ from transformer.run_config import TrainConfig
 
 
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
-           ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("multi30k", "two_hours"), ("wmt14_ende_base", None), ("wmt14_ende_big", None)]
+           ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("multi30k", "two_hours"), ("wmt14_ende_base", None), ("wmt14_ende_big", None),
+           ("multi30k_char_lm", "plain"), ("multi30k_char_lm", "xl")]
 
 
 def load(name, arg):

@@ -14,7 +14,7 @@ from transformer.run_config import TrainConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
            ("multi30k", "paper"), ("multi30k", "full"), ("multi30k", "hour"), ("wmt14_ende_base", None),
-           ("wmt14_ende_big", None)]
+           ("wmt14_ende_big", None), ("multi30k_char_lm", "plain"), ("multi30k_char_lm", "xl")]
 
 
 def load(name, arg=None):

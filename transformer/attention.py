@@ -16,6 +16,9 @@ Axis legend, used in every shape and einsum string of this package:
     and packing, causal, window) and skips fully masked blocks. Compiled with Mosaic on TPU, run in
     Pallas interpret mode elsewhere (slow; for tests). No bias, no attention dropout; decoding steps
     with a cache take the reference kernel.
+  * "banded": Longformer's sliding window (transformer.longformer), computed band by band in
+    O(T * window) for self-attention with a windowed `masking.SegmentMask` (dilation and global
+    tokens included). No bias; decoding steps and window-less (cross) attention take the reference kernel.
 All agree on masked inputs, and all return zeros for a query whose keys are all masked (a padding
 query), rather than an average of values. `attention_weights` returns the weights themselves, for
 attention maps (`MultiHeadAttention` sows them when asked: `transformer.attention_maps`).
@@ -29,7 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import masking, positional, precision
+from transformer import longformer, masking, positional, precision, reformer
 from transformer.config import ATTENTION_KINDS
 
 IMPLEMENTATIONS = ATTENTION_KINDS  # the kernels of dot_product_attention, one per ModelConfig.attention
@@ -59,7 +62,7 @@ def dot_product_attention(
       mask: bool, broadcastable to [B, N, T, S]; True = attend. Or a `masking.SegmentMask`, which
         "splash" needs and the dense kernels expand. None = attend everywhere.
       bias: float, broadcastable to [B, N, T, S]; added to the logits (relative positions, ALiBi).
-      implementation: "reference", "fused" or "chunked".
+      implementation: "reference", "fused", "chunked", "splash" or "banded" (see above).
       dropout_rate: dropout on the attention weights, applied when `dropout_rng` is given.
       chunk_size: key block length of the "chunked" kernel.
       kv_length: a traced count: only keys [0, kv_length) exist yet (a decoding step's cache),
@@ -84,6 +87,19 @@ def dot_product_attention(
             raise ValueError(f"attention 'splash' {reason}: use 'fused', 'reference' or 'chunked'.")
         # A decoding step with a cache (or "fused" outside splash's reach): a dense kernel.
         implementation = "reference" if implementation == "splash" else implementation
+    if implementation == "banded":
+        if not isinstance(mask, masking.SegmentMask):
+            raise ValueError("attention 'banded' needs a masking.SegmentMask with a window, not a dense mask array "
+                             "or None: use 'fused', 'reference' or 'chunked'.")
+        if mask.default_indices and kv_length is None and mask.window is not None:
+            if bias is not None:
+                raise ValueError("attention 'banded' takes no attention bias (relative or ALiBi positions): "
+                                 "use 'chunked' with a window, or rope/sinusoidal/learned positions.")
+            return longformer.banded_attention(query, key, value, mask, dropout_rate=dropout_rate,
+                                               dropout_rng=dropout_rng if use_dropout else None)
+        # NOTE: a decoding step with a cache, or attention without a window (encoder-decoder attention
+        # in a banded model), has no band to exploit: the reference kernel, as splash does.
+        implementation = "reference"
     if isinstance(mask, masking.SegmentMask):
         mask = mask.dense(q_len, kv_len)
     full = (batch, num_heads, q_len, kv_len)
@@ -101,6 +117,9 @@ def dot_product_attention(
     if implementation == "chunked":
         return _chunked_attention(
             query, key, value, mask, bias, dropout_rate if use_dropout else 0.0, dropout_rng, chunk_size)
+    if implementation == "lsh":
+        raise ValueError("attention 'lsh' shares queries and keys, so it is MultiHeadAttention's kernel "
+                         "(transformer.reformer.lsh_attention), not dot_product_attention's.")
     raise ValueError(f"Unknown attention implementation {implementation!r}: choose one of {IMPLEMENTATIONS}.")
 
 
@@ -312,6 +331,8 @@ def _splash_unsupported(segments, bias, use_dropout) -> str | None:
         return "needs a masking.SegmentMask (segment ids, causal, window), not a dense mask array"
     if not segments.default_indices:
         return "needs queries and keys at positions 0, 1, ... (not a decoding step with a cache)"
+    if segments.dilation != 1 or segments.global_tokens is not None:
+        return "reads no dilated window or global tokens (Longformer's; attention 'banded' does)"
     if bias is not None:
         return "takes no attention bias (relative or ALiBi positions)"
     if use_dropout:
@@ -387,6 +408,9 @@ class MultiHeadAttention(nn.Module):
     and the queries attend over the whole cache; the caller's mask decides which entries are live.
     Applied with `mutable=["intermediates"]`, it also sows its attention weights [B, N, T, S] float32
     (`attention_weights`) as `intermediates/.../attention_weights`, a one-element tuple.
+    `implementation="lsh"` (Reformer, `transformer.reformer`) is self-attention with shared queries
+    and keys (k = q / ||q||, no W^K or b^K) and LSH attention; decoding steps with a cache attend
+    over the whole cache (full shared-QK attention), and nothing is sown.
     """
 
     num_heads: int
@@ -397,6 +421,8 @@ class MultiHeadAttention(nn.Module):
     chunk_size: int = 128
     use_rope: bool = False
     use_bias: bool = False
+    lsh_num_hashes: int = 2  # "lsh": hash rounds
+    lsh_bucket_size: int = 64  # "lsh": queries per sorted chunk
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -414,16 +440,22 @@ class MultiHeadAttention(nn.Module):
         """
         num_kv_heads = self.num_kv_heads or self.num_heads
         d_model = inputs_q.shape[-1]
+        shared_qk = self.implementation == "lsh"
+        if shared_qk and (inputs_kv is not inputs_q or static_kv):
+            raise ValueError("attention 'lsh' is self-attention with shared queries and keys (inputs_kv is inputs_q): "
+                             "use another implementation for encoder-decoder attention.")
         param = functools.partial(dense_kernel, self)
         w_q = param("query", (d_model, self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), 0, (1, 2))
-        w_k = param("key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
+        w_k = None if shared_qk else param(
+            "key", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_v = param("value", (d_model, num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), 0, (1, 2))
         w_o = param("out", (self.num_heads, self.head_dim, d_model), ("heads", "head_dim", "embed"), (0, 1), 2)
-        b_q, b_k, b_v, b_o = (self._bias(name, shape, axes) for name, shape, axes in (
+        b_q, b_k, b_v, b_o = (None if w is None else self._bias(name, shape, axes) for w, (name, shape, axes) in zip(
+            (w_q, w_k, w_v, w_o), (
             ("query_bias", (self.num_heads, self.head_dim), ("heads", "head_dim")),
             ("key_bias", (num_kv_heads, self.head_dim), ("kv_heads", "head_dim")),
             ("value_bias", (num_kv_heads, self.head_dim), ("kv_heads", "head_dim")),
-            ("out_bias", (d_model,), ("embed",))))
+            ("out_bias", (d_model,), ("embed",)))))
 
         inputs_q, inputs_kv = inputs_q.astype(self.dtype), inputs_kv.astype(self.dtype)
         query = self._project("BTD,DNH->BTNH", inputs_q, w_q, b_q)
@@ -431,7 +463,7 @@ class MultiHeadAttention(nn.Module):
             key, value = self._static_keys_values(inputs_kv, (w_k, b_k), (w_v, b_v))
             decode = False  # nothing to append: the keys are the encoder's, the same at every step
         else:
-            key = self._project("BSD,DKH->BSKH", inputs_kv, w_k, b_k)
+            key = reformer.unit_keys(query) if shared_qk else self._project("BSD,DKH->BSKH", inputs_kv, w_k, b_k)
             value = self._project("BSD,DKH->BSKH", inputs_kv, w_v, b_v)
         if self.use_rope:
             query = positional.apply_rope(query, query_positions)
@@ -449,10 +481,20 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and self.dropout_rate > 0.0:
             dropout_rng = self.make_rng("dropout")
-        out = dot_product_attention(
-            query, key, value, mask, bias, implementation=self.implementation, dropout_rate=self.dropout_rate,
-            dropout_rng=dropout_rng, chunk_size=self.chunk_size, kv_length=kv_length)  # [B, T, N, H]
-        if self.is_mutable_collection("intermediates"):
+        lsh = shared_qk and not decode
+        if lsh:
+            rng = self.make_rng("lsh") if self.has_rng("lsh") else reformer.fixed_rng(self.path)
+            out = reformer.lsh_self_attention(
+                query, value, mask, bias, rng=rng, num_hashes=self.lsh_num_hashes, bucket_size=self.lsh_bucket_size,
+                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)  # [B, T, N, H]
+        else:
+            if shared_qk:  # a decoding step: every cached key, a token's own at reformer.SELF_LOGIT
+                bias = reformer.self_logit_bias(mask, bias, query.shape[1], key.shape[1])
+            out = dot_product_attention(
+                query, key, value, mask, bias, implementation="reference" if shared_qk else self.implementation,
+                dropout_rate=self.dropout_rate, dropout_rng=dropout_rng, chunk_size=self.chunk_size,
+                kv_length=kv_length)  # [B, T, N, H]
+        if self.is_mutable_collection("intermediates") and not lsh:
             # Attention maps, only when the caller asks for them (`apply(..., mutable=["intermediates"])`):
             # otherwise nothing here is traced and the model compiles exactly as without this branch.
             self.sow("intermediates", "attention_weights",

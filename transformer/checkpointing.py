@@ -234,6 +234,8 @@ def _all_finite(leaves):
 
 def _as_uint32(x):
     """The bits of `x` as uint32 words (8- and 16-bit values zero-extended, 64-bit values split in two)."""
+    if x.dtype == jnp.bool_:  # e.g. a Transformer-XL memory's validity flags: bitcast takes no bool
+        return x.astype(jnp.uint32)
     bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
     return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-ATTENTION_KINDS = ("reference", "fused", "chunked", "splash")
+ATTENTION_KINDS = ("reference", "fused", "chunked", "splash", "banded", "lsh")
 POSITION_KINDS = ("sinusoidal", "learned", "rope", "relative", "alibi")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
 LENGTH_PENALTIES = ("gnmt", "power")  # beam search's forms (transformer.decoding.length_penalty)
@@ -38,6 +38,19 @@ class ModelConfig:
     attention: str = "fused"  # one of ATTENTION_KINDS: which dot_product_attention kernel to use
     attention_chunk_size: int = 128  # key block length of the "chunked" kernel
     sliding_window: int | None = None  # local self-attention: attend only to keys with |i - j| < window
+    # Longformer (Beltagy et al. 2020). With attention="banded" the window is computed band by band,
+    # O(T * window) rather than a masked T x T matrix.
+    sliding_window_dilation: int = 1  # d: keys with |i - j| < window * d and (i - j) % d == 0
+    # Global tokens (a [B, S] bool `global_mask` model call argument) attend to and are attended by every
+    # position; at most this many per row (static slots), a row's later ones acting as local tokens.
+    max_global_tokens: int = 0
+    # Reformer (Kitaev et al. 2020): attention="lsh" is shared-QK locality-sensitive-hashing attention.
+    lsh_num_hashes: int = 2  # hash rounds
+    lsh_bucket_size: int = 64  # queries per sorted chunk; each chunk attends to itself and the one before
+    reversible: bool = False  # reversible residual layers: activations recomputed in the backward pass
+    # Transformer-XL (Dai et al. 2019): DecoderOnly keeps each layer's last `memory_length` hidden
+    # states of the previous segment (stop-gradient) as extra keys and values. 0 = no memory.
+    memory_length: int = 0
     activation: str = "relu"  # one of ACTIVATIONS (paper: ReLU; gelu is the tanh approximation)
     norm: str = "layernorm"  # one of NORM_KINDS
     norm_epsilon: float = 1e-6  # added to the variance in every norm (PyTorch's and Marian's default: 1e-5)
@@ -90,6 +103,69 @@ class ModelConfig:
                     "use attention='fused' (which picks splash on TPU where it applies).")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelConfig.sliding_window={self.sliding_window} must be positive or None (global attention).")
+        _check_positive(self, "sliding_window_dilation", "lsh_num_hashes", "lsh_bucket_size")
+        _check_non_negative(self, "max_global_tokens", "memory_length")
+        # Longformer (banded) checks.
+        if self.attention == "banded" and self.sliding_window is None:
+            raise ValueError("ModelConfig.attention='banded' computes a sliding window band by band and needs "
+                             "sliding_window (e.g. 256); for attention over all keys use 'fused' or 'chunked'.")
+        if self.attention == "banded" and self.position in ("relative", "alibi"):
+            raise ValueError(f"ModelConfig.attention='banded' takes no attention bias, but position={self.position!r} "
+                             "adds a dense [T, S] one: use position='rope', 'sinusoidal' or 'learned' (or "
+                             "attention='chunked' with the sliding_window).")
+        for name, value in (("sliding_window_dilation", self.sliding_window_dilation > 1),
+                            ("max_global_tokens", self.max_global_tokens > 0)):
+            if value and self.sliding_window is None:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)} shapes a sliding window, but "
+                                 "sliding_window=None (every token already attends everywhere): set a sliding_window "
+                                 f"or leave {name} at its default.")
+            if value and self.attention == "splash":
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: attention='splash' reads no dilation or "
+                                 "global tokens; use attention='banded' (or 'fused', which takes the dense mask).")
+        if self.sliding_window_dilation > 1 and self.memory_length:
+            raise ValueError(f"ModelConfig.sliding_window_dilation={self.sliding_window_dilation} cannot be combined "
+                             f"with memory_length={self.memory_length} (the Transformer-XL mask has no dilation): "
+                             "set sliding_window_dilation=1.")
+        # Reformer (lsh, reversible) checks.
+        if self.attention == "lsh":
+            where = "ModelConfig.attention='lsh' (Reformer's shared-QK LSH self-attention)"
+            if self.position in ("relative", "alibi"):
+                raise ValueError(f"{where} takes no attention bias, but position={self.position!r} adds a dense [T, S] "
+                                 "one: use position='rope', 'sinusoidal' or 'learned'.")
+            if self.num_kv_heads not in (None, self.num_heads):
+                raise ValueError(f"{where} uses each query head as its own key head, so num_kv_heads="
+                                 f"{self.num_kv_heads} (grouped-query attention) does not apply: "
+                                 "set num_kv_heads=None.")
+            if self.sliding_window is not None or self.max_global_tokens:
+                raise ValueError(f"{where} picks its keys by hashing and reads no sliding window or global tokens "
+                                 f"(sliding_window={self.sliding_window}, max_global_tokens={self.max_global_tokens}): "
+                                 "set sliding_window=None and max_global_tokens=0, or use attention='banded'.")
+        if self.reversible:
+            where = "ModelConfig.reversible=True (RevNet layers y1 = x1 + F(x2), y2 = x2 + G(y1))"
+            if self.norm_position != "pre":
+                raise ValueError(f"{where} needs pre-norm residual functions; norm_position={self.norm_position!r} "
+                                 "normalises the residual sum, which cannot be inverted: set norm_position='pre'.")
+            if self.scan_layers or self.remat:
+                raise ValueError(f"{where} runs its own loop over the layers and already recomputes them in the "
+                                 f"backward pass (scan_layers={self.scan_layers}, remat={self.remat}): set "
+                                 "scan_layers=False and remat=False.")
+        # Transformer-XL (memory) checks.
+        if self.memory_length:
+            where = f"ModelConfig.memory_length={self.memory_length} (Transformer-XL memory)"
+            if self.position in ("sinusoidal", "learned"):
+                raise ValueError(
+                        f"{where} needs relative positions, but position={self.position!r} is absolute: the same "
+                        "absolute position would recur in every segment. Use position='rope', 'relative' or 'alibi'.")
+            if self.attention in ("splash", "banded", "lsh"):
+                raise ValueError(
+                        f"{where} attends over [memory; segment] with a dense mask, which attention="
+                        f"{self.attention!r} cannot take: use attention='fused', 'reference' or 'chunked'.")
+            if self.reversible:
+                raise ValueError(f"{where} cannot be combined with reversible=True (a reversible layer recomputes "
+                                 "its input from its output, the memory would be read twice): set one of them off.")
+            if self.max_global_tokens:
+                raise ValueError(f"{where} cannot be combined with Longformer global tokens (max_global_tokens="
+                                 f"{self.max_global_tokens}): set max_global_tokens=0.")
 
     @property
     def head_dim(self) -> int:

@@ -6,6 +6,7 @@ and `experiments.sample` commands.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -117,3 +118,24 @@ def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_si
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=2)
     return result
+
+
+def evaluate_stream(workdir: str, eval_memory_lengths, split: str | None = None, checkpoint: str = "latest",
+                    step: int | None = None) -> list[dict]:
+    """Loss, perplexity and bits per token of a stream language model (data.batching="stream") on
+    `split` (default: the run's eval split), read segment by segment with each Transformer-XL
+    evaluation memory length in `eval_memory_lengths` (0 = none; the parameters do not depend on it)."""
+    run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint, step)
+    if run.data.batching != "stream" or tokenizer is None:
+        raise workdir_lib.WorkdirError(f"{workdir} holds a {run.objective!r} run with data.batching="
+                                       f"{run.data.batching!r} on {run.data.name!r}: this needs a stream language "
+                                       "model on real data (data.batching='stream').")
+    split = split or run.data.eval_split
+    split_inputs = inputs.stream_eval_inputs(run, tokenizer, split)
+    results = []
+    for length in eval_memory_lengths:
+        evaluator = training.Trainer(dataclasses.replace(run, eval_memory_length=length), trainer.model_cfg,
+                                     trainer.mesh)
+        scores = training.evaluate(evaluator, params, split_inputs.eval_batches())
+        results.append(dict(split=split, step=step, eval_memory_length=length, **scores))
+    return results

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from transformer.data import synthetic
+from transformer.data import stream as stream_lib, synthetic
 from transformer.run_config import DataConfig, TrainConfig
 
 
@@ -39,6 +39,8 @@ def local_rows(global_rows: int, what: str) -> int:
 
 def make_inputs(run: TrainConfig, workdir: str) -> Inputs:
     """The training stream and eval split that `run.data` names; trains the vocabulary if it must."""
+    if run.data.batching == "stream":
+        return _stream_inputs(run, workdir)
     if run.data.synthetic:
         return _synthetic_inputs(run)
     from transformer import data  # noqa: PLC0415 -- TFDS, grain and SentencePiece only for real data
@@ -88,7 +90,47 @@ def _load_split(run: TrainConfig, split: str):
     if run.objective == "translation":
         return data.load_translation_split(d.name, split, source_lang=d.source_lang, target_lang=d.target_lang,
                                            data_dir=d.data_dir, manual_dir=d.manual_dir)
-    return data.load_text_split(d.name, split, data_dir=d.data_dir, manual_dir=d.manual_dir)
+    return data.load_text_split(d.name, split, feature=d.text_feature or "text", data_dir=d.data_dir,
+                                manual_dir=d.manual_dir)
+
+
+def _stream_inputs(run: TrainConfig, workdir: str) -> Inputs:
+    """Language modelling on one token stream per split, read as consecutive segments
+    (`transformer.data.stream`): the synthetic Markov-chain text, or every text of a real split in order."""
+    d = run.data
+    tokenizer = None
+    if d.synthetic:
+        # About 64 training segments per epoch; `eval_batches` segments per evaluation.
+        train_tokens = stream_lib.synthetic_stream(run.seed, 64 * d.batch_size * d.max_length, d.vocab_size)
+        eval_tokens = stream_lib.synthetic_stream(10**6 + run.seed, d.eval_batches * d.eval_batch_size * d.max_length,
+                                                  d.vocab_size)
+        vocab_size = d.vocab_size
+    else:
+        from transformer import data  # noqa: PLC0415 -- TFDS and SentencePiece only for real data
+
+        train_source, eval_source = _load_split(run, d.train_split), _load_split(run, d.eval_split)
+        texts = lambda: (train_source[i] for i in range(len(train_source)))  # noqa: E731
+        tokenizer = data.load_or_train_tokenizer(os.path.join(workdir, "spm"), texts=texts, vocab_size=d.vocab_size,
+                                                 model_type=d.tokenizer)
+        train_tokens = stream_lib.encode_stream(texts(), tokenizer)
+        eval_tokens = stream_lib.encode_stream((eval_source[i] for i in range(len(eval_source))), tokenizer)
+        vocab_size = tokenizer.vocab_size
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    train = stream_lib.StreamIterator(train_tokens, num_streams=d.batch_size, length=d.max_length, **shard)
+    return Inputs(train, _stream_eval_batches(run, eval_tokens), vocab_size, tokenizer)
+
+
+def stream_eval_inputs(run: TrainConfig, tokenizer, split: str) -> Inputs:
+    """Only the stream of real split `split`, encoded with `tokenizer`: no training pipeline."""
+    tokens = stream_lib.encode_stream((text for text in _load_split(run, split)), tokenizer)
+    return Inputs(None, _stream_eval_batches(run, tokens), tokenizer.vocab_size, tokenizer)
+
+
+def _stream_eval_batches(run: TrainConfig, tokens) -> Callable[[], Iterator[dict]]:
+    """A fresh pass, segment by segment, over `tokens` in data.eval_batch_size parallel streams."""
+    return lambda: stream_lib.StreamIterator(tokens, num_streams=run.data.eval_batch_size, length=run.data.max_length,
+                                             num_epochs=1, process_index=jax.process_index(),
+                                             process_count=jax.process_count())
 
 
 def _synthetic_inputs(run: TrainConfig) -> Inputs:

@@ -13,9 +13,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
-from transformer import precision
+from transformer import memory as memory_lib, precision
 from transformer.attention import MultiHeadAttention, dense_kernel
 from transformer.config import ModelConfig
 
@@ -81,20 +82,30 @@ def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
                         bias_init=bias_init, name=name)
 
 
-def residual(cfg: ModelConfig, name: str, x, sublayer: Callable, deterministic: bool):
-    """Residual connection around `sublayer`, with dropout and post- or pre-normalisation."""
+def residual(cfg: ModelConfig, name: str, x, sublayer: Callable, deterministic: bool, *, memory=None):
+    """Residual connection around `sublayer`, with dropout and post- or pre-normalisation.
+
+    `memory` [B, M, D] (Transformer-XL): earlier states the sub-layer also reads, normalised as x is
+    (pre-norm) and passed as its second argument; only x gets the residual and the output.
+    """
     norm = make_norm(cfg, name=f"{name}_norm")
     dropout = nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")
     if cfg.norm_position == "pre":
-        return x + dropout(sublayer(norm(x)), deterministic=deterministic)
-    return norm(x + dropout(sublayer(x), deterministic=deterministic))
+        out = sublayer(norm(x)) if memory is None else sublayer(norm(x), norm(memory))
+        return x + dropout(out, deterministic=deterministic)
+    out = sublayer(x) if memory is None else sublayer(x, memory)
+    return norm(x + dropout(out, deterministic=deterministic))
 
 
 def _attention(cfg: ModelConfig, name: str, use_rope: bool) -> MultiHeadAttention:
+    # Reformer's LSH attention shares queries and keys, a self-attention device: encoder-decoder
+    # attention in an "lsh" model is ordinary attention, with its own W^K.
+    implementation = "fused" if cfg.attention == "lsh" and name == "cross_attention" else cfg.attention
     return MultiHeadAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
-        dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention, chunk_size=cfg.attention_chunk_size,
-        use_rope=use_rope, use_bias=cfg.attention_bias, dtype=cfg.compute_dtype, name=name)
+        dropout_rate=cfg.attention_dropout_rate, implementation=implementation, chunk_size=cfg.attention_chunk_size,
+        use_rope=use_rope, use_bias=cfg.attention_bias, lsh_num_hashes=cfg.lsh_num_hashes,
+        lsh_bucket_size=cfg.lsh_bucket_size, dtype=cfg.compute_dtype, name=name)
 
 
 def _feed_forward(cfg: ModelConfig) -> FeedForward:
@@ -139,9 +150,18 @@ class DecoderLayer(nn.Module):
         positions [B, T] -> [B, T, D]."""
         cfg = self.config
         self_attention = _attention(cfg, "self_attention", use_rope=cfg.position == "rope")
-        y = residual(cfg, "self_attention", y, lambda h: self_attention(
-            h, h, mask=self_mask, bias=self_bias, query_positions=positions, key_positions=positions,
-            deterministic=deterministic, decode=decode, decode_index=decode_index), deterministic)
+        memory = self._memory(y) if cfg.memory_length and not decode else None
+
+        def attend(h, h_memory=None):
+            kv, key_positions = h, positions
+            if h_memory is not None:  # Transformer-XL: keys and values over [memory; segment], [B, M + T, D]
+                kv = jnp.concatenate([h_memory.astype(h.dtype), h], axis=1)
+                key_positions = memory_lib.key_positions(positions, h_memory.shape[1])
+            return self_attention(h, kv, mask=self_mask, bias=self_bias, query_positions=positions,
+                                  key_positions=key_positions, deterministic=deterministic, decode=decode,
+                                  decode_index=decode_index)
+
+        y = residual(cfg, "self_attention", y, attend, deterministic, memory=memory)
         if self.cross_attention:
             cross_attention = _attention(cfg, "cross_attention", use_rope=False)
             y = residual(cfg, "cross_attention", y, lambda h: cross_attention(
@@ -150,3 +170,17 @@ class DecoderLayer(nn.Module):
         y = residual(cfg, "feed_forward", y, _feed_forward(cfg), deterministic)
         y = nn.with_logical_constraint(y, ("batch", "length", "embed"))
         return (y, None) if self.scanned else y
+
+    def _memory(self, y):
+        """Transformer-XL: this layer's inputs at the last M positions before the segment, [B, M, D]
+        under stop-gradient (`transformer.memory`); None when the call carries no memory. With the
+        "memory" collection mutable, replaced by the last M positions of [memory; y]."""
+        if not (self.has_variable("memory", "hidden") or self.is_mutable_collection("memory")):
+            return None
+        batch, _, d_model = y.shape
+        hidden = self.variable("memory", "hidden", nn.with_logical_partitioning(jnp.zeros, memory_lib.AXES),
+                               (batch, self.config.memory_length, d_model), y.dtype)
+        memory = jax.lax.stop_gradient(hidden.value)
+        if self.is_mutable_collection("memory") and not self.is_initializing():
+            hidden.value = memory_lib.extend(memory, jax.lax.stop_gradient(y))
+        return memory

@@ -11,6 +11,10 @@ unless `deterministic` says so explicitly.
 Decoding with a cache (see `transformer.decoding`): run `decode(..., decode=True)` once in `init`
 on full-length decoder inputs to size the cache, then call it with one (or a few) new tokens at a
 time and `mutable=['cache']`; the cache tracks the position.
+
+Transformer-XL (DecoderOnly with `memory_length > 0`, see `transformer.memory`): applied with a
+"memory" collection (and `mutable=['memory']` to move it on), each segment also attends to every
+layer's states over the previous segments. Without that collection the model reads no memory.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from transformer import masking, positional, precision
+from transformer import masking, memory as memory_lib, positional, precision, reformer
 from transformer.config import ModelConfig
 from transformer.layers import DecoderLayer, Dense, EncoderLayer, make_norm
 from transformer.tokens import PAD_ID
@@ -85,6 +89,21 @@ def _key_segments(valid, segment_ids):
     return jnp.where(valid, segment_ids, 0).astype(jnp.int32)
 
 
+def _global_tokens(cfg: ModelConfig, global_mask, segments):
+    """`masking.SegmentMask` fields for Longformer's global tokens (global_mask [B, S] bool, True =
+    global; None = none). Padding (segment 0) takes no slot; a row's tokens past the first
+    `cfg.max_global_tokens` act as ordinary (local) tokens, in every attention kernel alike."""
+    if global_mask is None:
+        return {}
+    if not cfg.max_global_tokens:
+        raise ValueError("A global_mask (Longformer global tokens) needs ModelConfig.max_global_tokens > 0, the "
+                         "number of global slots per row, and a sliding_window.")
+    global_tokens = jnp.asarray(global_mask, bool)
+    if segments is not None:
+        global_tokens = global_tokens & (segments != 0)
+    return dict(global_tokens=global_tokens, max_global_tokens=cfg.max_global_tokens)
+
+
 def _position_bias(cfg: ModelConfig, query_positions, key_positions, bidirectional: bool):
     """The [B, N, T, S] attention bias of relative schemes (shared by all layers), else None."""
     if cfg.position == "relative":
@@ -100,8 +119,11 @@ def _apply_layers(cfg: ModelConfig, layer_cls, num_layers: int, x, args, num_sta
     """Runs `num_layers` layers: a Python loop, or one `nn.scan`ned layer; optionally rematerialised.
 
     `args` are the per-call arguments after x (shared by every layer), of which the last
-    `num_static` are Python values (mode flags).
+    `num_static` are Python values (mode flags). With `cfg.reversible`, Reformer's reversible
+    residual stack (`transformer.reformer`) instead.
     """
+    if cfg.reversible:
+        return reformer.reversible_layers(cfg, layer_cls, num_layers, x, args, **layer_kwargs)
     if cfg.remat:
         # NOTE: flax counts static_argnums from `self` (0), then x (1), then args.
         num_args = 2 + len(args)
@@ -113,8 +135,8 @@ def _apply_layers(cfg: ModelConfig, layer_cls, num_layers: int, x, args, num_sta
         return x
     scanned = nn.scan(
         layer_cls,
-        variable_axes={"params": 0, "cache": 0, "intermediates": 0},  # attention maps stacked [L, ...]
-        split_rngs={"params": True, "dropout": True},
+        variable_axes={"params": 0, "cache": 0, "intermediates": 0, "memory": 0},  # maps, memory stacked [L, ...]
+        split_rngs={"params": True, "dropout": True, "lsh": True},  # each layer its own LSH rotations
         in_axes=(nn.broadcast,) * len(args),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
@@ -129,12 +151,14 @@ class Encoder(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, valid, segment_ids, positions, *, deterministic: bool):
-        """x [B, S, D] embedded tokens; valid [B, S] bool; segment_ids, positions [B, S] -> [B, S, D]."""
+    def __call__(self, x, valid, segment_ids, positions, *, deterministic: bool, global_mask=None):
+        """x [B, S, D] embedded tokens; valid [B, S] bool; segment_ids, positions [B, S]; global_mask
+        [B, S] bool or None (Longformer global tokens) -> [B, S, D]."""
         cfg = self.config
         x = _add_absolute_positions(cfg, x, positions, deterministic)
         segments = _key_segments(valid, segment_ids)
-        mask = masking.SegmentMask(segments, segments, window=cfg.sliding_window)
+        mask = masking.SegmentMask(segments, segments, window=cfg.sliding_window, dilation=cfg.sliding_window_dilation,
+                                   **_global_tokens(cfg, global_mask, segments))
         bias = _position_bias(cfg, positions, positions, bidirectional=True)
         x = _apply_layers(cfg, EncoderLayer, cfg.num_encoder_layers, x, (mask, bias, positions, deterministic), 1)
         if cfg.norm_position == "pre":
@@ -150,7 +174,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, y, segment_ids, positions, encoded=None, encoder_valid=None,
-                 encoder_segment_ids=None, *, deterministic: bool, decode: bool = False):
+                 encoder_segment_ids=None, *, deterministic: bool, decode: bool = False, global_mask=None):
         """y [B, T, D] embedded decoder inputs; segment_ids, positions [B, T]; encoded [B, S, D];
         encoder_valid, encoder_segment_ids [B, S] -> [B, T, D].
 
@@ -161,18 +185,30 @@ class Decoder(nn.Module):
         cfg = self.config
         batch, length = y.shape[:2]
         decode_index = None
+        memory_valid = self._memory_valid(batch, length, segment_ids) if cfg.memory_length and not decode else None
         if decode:
             query_index, key_index, decode_index = self._advance_cache(length)
         else:
             query_index = key_index = jnp.arange(length)
         if positions is None:
             positions = jnp.broadcast_to(query_index, (batch, length))
+            if memory_valid is not None:
+                positions = positions + memory_valid.shape[1]  # the memory's keys take 0, ..., M - 1
         key_positions = positions if not decode else jnp.broadcast_to(key_index, (batch, key_index.shape[0]))
 
         y = _add_absolute_positions(cfg, y, positions, deterministic)
-        self_mask = masking.SegmentMask(
-            segment_ids, segment_ids, query_index=query_index if decode else None,
-            key_index=key_index if decode else None, causal=True, window=cfg.sliding_window)
+        if decode and global_mask is not None:
+            raise ValueError("global_mask (Longformer global tokens) is for whole sequences: a decoding step "
+                             "with a cache does not know which cached keys were global. Decode without it.")
+        global_tokens = _global_tokens(cfg, global_mask, segment_ids)
+        if memory_valid is not None:  # Transformer-XL: keys over [memory; segment], [B, M + T]
+            self_mask = memory_lib.attention_mask(memory_valid, length, cfg.sliding_window)
+            key_positions = memory_lib.key_positions(positions, memory_valid.shape[1])
+        else:
+            self_mask = masking.SegmentMask(
+                segment_ids, segment_ids, query_index=query_index if decode else None,
+                key_index=key_index if decode else None, causal=True, window=cfg.sliding_window,
+                dilation=cfg.sliding_window_dilation, **global_tokens)
         self_bias = _position_bias(cfg, positions, key_positions, bidirectional=False)
         cross_mask = None
         if self.cross_attention:
@@ -185,6 +221,23 @@ class Decoder(nn.Module):
         if cfg.norm_position == "pre":
             y = make_norm(cfg, name="final_norm")(y)
         return y
+
+    def _memory_valid(self, batch, length, segment_ids):
+        """Transformer-XL: which memory slots hold a state, [B, M] bool; None when the call carries no
+        memory (no "memory" variables given, none to create). With the collection mutable, the flags
+        move on by `length` valid positions, as each layer's states do (`DecoderLayer._memory`)."""
+        if not (self.has_variable("memory", "valid") or self.is_mutable_collection("memory")):
+            return None
+        if segment_ids is not None:
+            raise ValueError("A Transformer-XL memory (ModelConfig.memory_length > 0) carries one stream per row: "
+                             "packed rows (segment_ids) cannot use it. Feed unpacked stream segments "
+                             "(data.batching='stream').")
+        valid = self.variable("memory", "valid", nn.with_logical_partitioning(jnp.zeros, ("batch", "length")),
+                              (batch, self.config.memory_length), jnp.bool_)
+        current = valid.value
+        if self.is_mutable_collection("memory") and not self.is_initializing():
+            valid.value = memory_lib.extend(current, jnp.ones((batch, length), jnp.bool_))
+        return current
 
     def _advance_cache(self, length):
         """Decoding: query indices [T], cache key indices [S], and the write index; advances the index.
@@ -199,6 +252,12 @@ class Decoder(nn.Module):
         start = index.value
         index.value = start + length
         return start + jnp.arange(length), key_index.value, start
+
+
+def _refuse_memory(cfg: ModelConfig, model_name: str):
+    if cfg.memory_length:
+        raise ValueError(f"ModelConfig.memory_length={cfg.memory_length}: the Transformer-XL memory is for "
+                         f"DecoderOnly (objective 'lm'), not {model_name}: set memory_length=0.")
 
 
 class _Model(nn.Module):
@@ -235,6 +294,7 @@ class EncoderDecoder(_Model):
 
     def setup(self):
         cfg = self.config
+        _refuse_memory(cfg, "EncoderDecoder")
         self.source_embedding = self._embed("embedding" if cfg.share_embeddings else "source_embedding")
         self.target_embedding = self.source_embedding if cfg.share_embeddings else self._embed("target_embedding")
         self.encoder = Encoder(cfg)
@@ -243,25 +303,27 @@ class EncoderDecoder(_Model):
 
     def __call__(self, inputs, targets, *, inputs_segment_ids=None, targets_segment_ids=None,
                  inputs_positions=None, targets_positions=None, deterministic: bool | None = None,
-                 features: bool = False):
+                 features: bool = False, global_mask=None):
         """inputs [B, S], targets [B, T] int -> logits [B, T, V] float32.
 
         logits[:, t] predicts targets[:, t] from targets[:, :t] and all of inputs. `features=True`:
         (the last hidden states [B, T, D], the output projection [V, D]) instead of the logits.
+        `global_mask` [B, S] bool: Longformer global tokens of the inputs (encoder self-attention).
         """
         deterministic = self._deterministic(deterministic)
         encoded = self.encode(inputs, segment_ids=inputs_segment_ids, positions=inputs_positions,
-                              deterministic=deterministic)
+                              deterministic=deterministic, global_mask=global_mask)
         return self.decode(encoded, inputs, shift_right(targets, targets_segment_ids),
                            inputs_segment_ids=inputs_segment_ids, targets_segment_ids=targets_segment_ids,
                            targets_positions=targets_positions, deterministic=deterministic, features=features)
 
-    def encode(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None):
-        """inputs [B, S] int -> encoded [B, S, D]."""
+    def encode(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None,
+               global_mask=None):
+        """inputs [B, S] int (global_mask [B, S] bool: Longformer global tokens) -> encoded [B, S, D]."""
         deterministic = self._deterministic(deterministic)
         positions = _default_positions(inputs, positions)
         return self.encoder(self.source_embedding(inputs), inputs != PAD_ID, segment_ids, positions,
-                            deterministic=deterministic)
+                            deterministic=deterministic, global_mask=global_mask)
 
     def decode(self, encoded, inputs, decoder_inputs, *, inputs_segment_ids=None,
                targets_segment_ids=None, targets_positions=None, deterministic: bool | None = None,
@@ -284,19 +346,29 @@ class DecoderOnly(_Model):
         self.decoder = Decoder(self.config, cross_attention=False)
         self.output_projection = self._output_projection()
 
-    def __call__(self, targets, *, segment_ids=None, positions=None, deterministic: bool | None = None,
-                 features: bool = False):
+    def __call__(self, targets, *, inputs=None, segment_ids=None, positions=None, deterministic: bool | None = None,
+                 features: bool = False, global_mask=None):
         """targets [B, T] int -> logits [B, T, V]; logits[:, t] predicts targets[:, t] from targets[:, :t].
-        `features=True`: (hidden states [B, T, D], output projection [V, D]) instead."""
-        return self.decode(shift_right(targets, segment_ids), segment_ids=segment_ids,
-                           positions=positions, deterministic=deterministic, features=features)
+        `features=True`: (hidden states [B, T, D], output projection [V, D]) instead.
+
+        `inputs` [B, T]: the decoder inputs, already shifted (default `shift_right(targets)`), for a
+        segment of a stream, whose first input is the previous segment's last target, not BOS.
+        With memory_length > 0 and a "memory" collection (`transformer.memory`), the segment also
+        attends to the previous segments' states.
+        `global_mask` [B, T] bool: Longformer global tokens, by position of the decoder inputs; a global
+        token attends to every earlier position and every later one attends to it (causal)."""
+        decoder_inputs = shift_right(targets, segment_ids) if inputs is None else inputs
+        return self.decode(decoder_inputs, segment_ids=segment_ids,
+                           positions=positions, deterministic=deterministic, features=features,
+                           global_mask=global_mask)
 
     def decode(self, decoder_inputs, *, segment_ids=None, positions=None,
-               deterministic: bool | None = None, decode: bool = False, features: bool = False):
-        """decoder_inputs [B, T] (already shifted) -> logits [B, T, V]."""
+               deterministic: bool | None = None, decode: bool = False, features: bool = False, global_mask=None):
+        """decoder_inputs [B, T] (already shifted) -> logits [B, T, V]. `global_mask` as in `__call__`
+        (whole sequences only, not with `decode`)."""
         deterministic = self._deterministic(deterministic)
         y = self.decoder(self.embedding(decoder_inputs), segment_ids, positions,
-                         deterministic=deterministic, decode=decode)
+                         deterministic=deterministic, decode=decode, global_mask=global_mask)
         return self._logits(self.embedding, y, features)
 
 
@@ -311,6 +383,7 @@ class EncoderOnly(_Model):
 
     def setup(self):
         cfg = self.config
+        _refuse_memory(cfg, "EncoderOnly")
         self.embedding = self._embed("embedding")
         self.encoder = Encoder(cfg)
         if self.num_classes is None:
@@ -320,13 +393,14 @@ class EncoderOnly(_Model):
             self.classifier = Dense(self.num_classes, ("mlp", None), cfg.compute_dtype, name="classifier")
 
     def __call__(self, inputs, *, segment_ids=None, positions=None, deterministic: bool | None = None,
-                 features: bool = False):
+                 features: bool = False, global_mask=None):
         """inputs [B, S] int -> logits [B, S, V], or [B, C] with a pooled head. `features=True` (token
-        head only): (hidden states [B, S, D], output projection [V, D]) instead."""
+        head only): (hidden states [B, S, D], output projection [V, D]) instead. `global_mask` [B, S]
+        bool: Longformer global tokens (e.g. the [CLS] token), attending and attended everywhere."""
         deterministic = self._deterministic(deterministic)
         positions = _default_positions(inputs, positions)
         x = self.encoder(self.embedding(inputs), inputs != PAD_ID, segment_ids, positions,
-                         deterministic=deterministic)
+                         deterministic=deterministic, global_mask=global_mask)
         if self.num_classes is None:
             return self._logits(self.embedding, x, features)
         if features:

@@ -29,8 +29,8 @@ from transformer.config import LENGTH_PENALTIES, ModelConfig
 from transformer.data import synthetic
 
 OBJECTIVES = ("translation", "lm", "mlm")  # EncoderDecoder, DecoderOnly, EncoderOnly
-BATCHINGS = ("pad", "bucket", "pack")
-TOKENIZER_TYPES = ("unigram", "bpe")  # SentencePiece model types
+BATCHINGS = ("pad", "bucket", "pack", "stream")  # "stream": lm only, consecutive segments (transformer.data.stream)
+TOKENIZER_TYPES = ("unigram", "bpe", "char")  # SentencePiece model types
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
 
@@ -48,7 +48,7 @@ class DataConfig:
     batch_size: int | None = None  # global rows per training step: synthetic data, "pad" and "pack"
     task: str | None = None  # synthetic translation: one of transformer.data.synthetic.TASKS
     eval_batches: int | None = None  # synthetic: batches per evaluation
-    batching: str | None = None  # real data: one of BATCHINGS
+    batching: str | None = None  # real data: one of BATCHINGS; synthetic lm: "stream" or None
     tokens_per_batch: int | None = None  # "bucket": global tokens per batch (per side)
     tokenizer: str | None = None  # real data: SentencePiece model type, one of TOKENIZER_TYPES
     train_split: str | None = None  # real data
@@ -57,6 +57,7 @@ class DataConfig:
     target_lang: str | None = None
     data_dir: str | None = None  # real data: TFDS data_dir (None = TFDS's default)
     manual_dir: str | None = None  # real data: local raw files (None = download)
+    text_feature: str | None = None  # real lm data: the dataset's text feature (None = "text"; multi30k: "en", "de")
 
     @property
     def synthetic(self) -> bool:
@@ -124,10 +125,18 @@ class TrainConfig:
     peak_flops_per_device: float  # for MFU; 0 = look the device kind up
     bleu_every: int = 0  # translation on real data: sacreBLEU every N steps (0 = never)
     decode: DecodeConfig | None = None  # translation on real data
+    # data.batching="stream": the Transformer-XL memory length of evaluation, which may exceed
+    # model.memory_length (the parameters do not depend on it); None = model.memory_length.
+    eval_memory_length: int | None = None
 
     @classmethod
     def from_dict(cls, config: Mapping, *, strict: bool = True) -> "TrainConfig":
         return _Reader(strict).train_config(config)
+
+    @property
+    def eval_memory(self) -> int:
+        """The Transformer-XL memory length that stream evaluation uses (0 = none)."""
+        return self.model.memory_length if self.eval_memory_length is None else self.eval_memory_length
 
     def model_config(self, text_vocab_size: int | None = None) -> ModelConfig:
         """The model for a text vocabulary of `text_vocab_size` ids (default: data.vocab_size)."""
@@ -234,6 +243,7 @@ class _Reader:
         f.pop("decode", None)
         optimizer = self.optimizer(self.section(config, "optimizer"), top["num_train_steps"])
         model = self.model(self.section(config, "model"), objective, model_vocab_size(objective, data.vocab_size))
+        top["eval_memory_length"] = self.memory(f, model, data, optimizer)
         run = TrainConfig(**top, model=model, data=data, optimizer=optimizer,
                           checkpoint=self.checkpoint(self.section(config, "checkpoint")),
                           mesh=self.mesh(self.section(config, "mesh")))
@@ -247,6 +257,7 @@ class _Reader:
         name = self.take(f, p("name"), str)
         out = dict(name=name, vocab_size=self.take(f, p("vocab_size"), int),
                    max_length=self.take(f, p("max_length"), int), eval_batch_size=self.take(f, p("eval_batch_size"), int))
+        f.setdefault("text_feature", None)  # absent from the config.json of older runs
         real = ("train_split", "eval_split", "data_dir", "manual_dir", "tokenizer", "batching")
         if name == "synthetic":
             out["batch_size"] = self.take(f, p("batch_size"), int)
@@ -255,7 +266,12 @@ class _Reader:
                 out["task"] = self.take(f, p("task"), str, choices=synthetic.TASKS)
             else:
                 self.inapplicable(f, p("task"), "to synthetic translation")
-            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang"):
+            if objective == "lm":  # the Markov-chain text, as rows or as one stream
+                out["batching"] = self.take(f, p("batching"), str, required=False, choices=("stream",))
+            else:
+                self.inapplicable(f, p("batching"), "to real data, and to synthetic 'lm' data (as 'stream')")
+            real = real[:-1]
+            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang", "text_feature"):
                 self.inapplicable(f, p(leaf), "to real data")
         else:
             for leaf in ("task", "eval_batches"):
@@ -265,6 +281,9 @@ class _Reader:
                        manual_dir=self.take(f, p("manual_dir"), str, required=False) or None,
                        tokenizer=self.take(f, p("tokenizer"), str, choices=TOKENIZER_TYPES),
                        batching=self.take(f, p("batching"), str, choices=BATCHINGS))
+            if out["batching"] == "stream" and objective != "lm":
+                self.fail(p("batching"), f"applies only to objective 'lm' (one token stream), not {objective!r}",
+                          "stream")
             if out["batching"] == "bucket":
                 out["tokens_per_batch"] = self.take(f, p("tokens_per_batch"), int)
                 self.inapplicable(f, p("batch_size"), "to 'pad' and 'pack' batching and synthetic data "
@@ -275,9 +294,11 @@ class _Reader:
             if objective == "translation":
                 out.update(source_lang=self.take(f, p("source_lang"), str),
                            target_lang=self.take(f, p("target_lang"), str))
+                self.inapplicable(f, p("text_feature"), "to language modelling (objective 'lm' or 'mlm')")
             else:
                 for leaf in ("source_lang", "target_lang"):
                     self.inapplicable(f, p(leaf), "to translation")
+                out["text_feature"] = self.take(f, p("text_feature"), str, required=False)
         for leaf in ("vocab_size", "max_length", "eval_batch_size", "batch_size", "eval_batches", "tokens_per_batch"):
             if out.get(leaf) is not None and out[leaf] <= 0:
                 self.fail(p(leaf), "must be positive", out[leaf])
@@ -341,6 +362,28 @@ class _Reader:
         if model.attention != "chunked":
             self.inapplicable(overrides, "model.attention_chunk_size", "to model.attention='chunked'")
         return model
+
+    def memory(self, f: dict, model: ModelConfig, data: DataConfig, optimizer: OptimizerConfig) -> int | None:
+        """Transformer-XL: checks model.memory_length against the data and reads eval_memory_length."""
+        f.setdefault("eval_memory_length", None)  # absent from the config.json of older runs
+        stream = data.batching == "stream"
+        if model.memory_length and not stream:
+            self.fail("model.memory_length", "needs data.batching='stream' (objective 'lm'): the memory carries "
+                      "consecutive segments of one stream per row, which other batches are not", model.memory_length)
+        if model.memory_length and optimizer.grad_accum_steps != 1:
+            self.fail("optimizer.grad_accum_steps", "must be 1 with a Transformer-XL memory (model.memory_length > 0): "
+                      "micro-batches would split the memory's rows", optimizer.grad_accum_steps)
+        if not stream:
+            return self.inapplicable(f, "eval_memory_length", "to data.batching='stream'")
+        length = self.take(f, "eval_memory_length", int, required=False)
+        if length is not None and length < 0:
+            self.fail("eval_memory_length", "must be >= 0 (0 = no memory; unset = model.memory_length)", length)
+        if length:
+            try:
+                model.replace(memory_length=length)
+            except ValueError as e:
+                self.fail("eval_memory_length", f"does not suit the model: {e}", length)
+        return length
 
     def decode(self, f: dict) -> DecodeConfig:
         f.setdefault("length_penalty", "gnmt")  # absent from the config.json of older runs

@@ -29,7 +29,7 @@ from transformer import (checkpointing, evaluation, inputs as inputs_lib, metric
 from transformer.config import ModelConfig
 from transformer.data import pipeline as data_pipeline
 from transformer.run_config import TrainConfig, as_train_config
-from transformer.steps import MODELS, TrainState, eval_step, train_step
+from transformer.steps import MODELS, MemoryTrainState, TrainState, eval_step, stream_eval_step, train_step
 
 __all__ = ["Trainer", "TrainState", "TrainingDiverged", "evaluate", "model_config", "train_and_evaluate"]
 
@@ -72,16 +72,34 @@ class Trainer:
         self._eval_step = jax.jit(
             functools.partial(eval_step, rng=jax.random.PRNGKey(0), **common),
             in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=replicated)
+        # Transformer-XL stream evaluation: segment by segment, carrying a memory of run.eval_memory
+        # states (which may exceed the training memory: the parameters are the same).
+        self.eval_memory_sharding = None
+        if run.data.batching == "stream" and run.eval_memory:
+            eval_model = MODELS["lm"](model_cfg.replace(memory_length=run.eval_memory))
+            dummy = jnp.ones((run.data.eval_batch_size, 1), jnp.int32)
+            self._abstract_eval_memory = jax.eval_shape(eval_model.init, jax.random.PRNGKey(0), dummy)["memory"]
+            self.eval_memory_sharding = sharding.tree_shardings(self._abstract_eval_memory, mesh)
+            self._stream_eval_step = jax.jit(
+                functools.partial(stream_eval_step, rng=jax.random.PRNGKey(0), **dict(common, model=eval_model)),
+                in_shardings=(self.state_sharding.params, self.eval_memory_sharding, self.batch_sharding),
+                out_shardings=(replicated, self.eval_memory_sharding), donate_argnums=(1,))
 
     def _dummy_inputs(self):
-        x = jnp.ones((1, 8), jnp.int32)
+        # With a Transformer-XL memory, init also makes the (empty) memory of the training batch's rows.
+        rows = self.config.data.batch_size if self.model_cfg.memory_length else 1
+        x = jnp.ones((rows, 8), jnp.int32)
         return (x, x) if self.objective == "translation" else (x,)
 
     def _init_boxed(self, rng):
-        """The train state with parameters still boxed with their logical axis names."""
-        params = self.model.init({"params": rng}, *self._dummy_inputs())["params"]
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
-                          rng=jax.random.fold_in(rng, 1))
+        """The train state with parameters (and a Transformer-XL memory) still boxed with their logical axis names."""
+        variables = self.model.init({"params": rng}, *self._dummy_inputs())
+        params = variables["params"]
+        fields = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
+                      rng=jax.random.fold_in(rng, 1))
+        if "memory" in variables:
+            return MemoryTrainState(**fields, memory=variables["memory"])
+        return TrainState(**fields)
 
     def context(self) -> contextlib.ExitStack:
         """The mesh and logical-axis rules under which the model's sharding constraints resolve."""
@@ -106,6 +124,18 @@ class Trainer:
     def eval_step(self, params, batch: dict):
         with self.context():
             return self._eval_step(params, batch)
+
+    def empty_eval_memory(self):
+        """An empty Transformer-XL memory for stream evaluation, or None when evaluation keeps none."""
+        if self.eval_memory_sharding is None:
+            return None
+        return jax.tree.map(lambda s, sh: jax.device_put(jnp.zeros(s.shape, s.dtype), sh),
+                            nn.meta.unbox(self._abstract_eval_memory), self.eval_memory_sharding)
+
+    def stream_eval_step(self, params, memory, batch: dict):
+        """(summed loss and counts, next memory) of one stream segment; `memory` is donated."""
+        with self.context():
+            return self._stream_eval_step(params, memory, batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,14 +192,23 @@ def _summarise(sums: dict) -> dict:
     weight = max(float(sums["weight_sum"]), 1.0)
     out = dict(loss=float(sums["loss_sum"]) / weight, accuracy=float(sums["correct_sum"]) / weight)
     out["perplexity"] = float(np.exp(min(float(sums["nll_sum"]) / weight, 50.0)))
+    # Bits per token: with a character vocabulary, bits per character (Transformer-XL's metric).
+    out["bits_per_token"] = float(sums["nll_sum"]) / weight / float(np.log(2.0))
     return out
 
 
 def evaluate(trainer: Trainer, params, batches) -> dict:
-    """Loss, accuracy and perplexity per real token over `batches` (this process's rows of each)."""
-    totals = None
+    """Loss, accuracy, perplexity and bits per real token over `batches` (this process's rows of each).
+
+    Stream segments with an evaluation memory (`TrainConfig.eval_memory`) are read in order, each
+    attending to the memory its predecessors left (Transformer-XL's evaluation).
+    """
+    totals, memory = None, trainer.empty_eval_memory()
     for batch in batches:
-        sums = trainer.eval_step(params, trainer.to_global(batch))
+        if memory is None:
+            sums = trainer.eval_step(params, trainer.to_global(batch))
+        else:
+            sums, memory = trainer.stream_eval_step(params, memory, trainer.to_global(batch))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     return _summarise(jax.device_get(totals))
 

@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.batch_size = placeholder(int)  # global rows per training step (synthetic, "pad", "pack")
     config.data.task = placeholder(str)  # synthetic translation: "copy" | "reverse" | "sort"
     config.data.eval_batches = placeholder(int)  # synthetic: batches per evaluation
-    config.data.batching = placeholder(str)  # real data: "pad" | "bucket" (token budget by length) | "pack"
+    config.data.batching = placeholder(str)  # real data: "pad" | "bucket" (token budget by length) | "pack" | "stream"
+    # ("stream", lm only, also synthetic: B parallel streams of one text, T consecutive tokens a step)
     config.data.tokens_per_batch = placeholder(int)  # "bucket": global tokens per batch (per side)
     config.data.tokenizer = placeholder(str)  # real data: SentencePiece model type, "unigram" | "bpe"
     config.data.train_split = placeholder(str)  # real data
@@ -51,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.target_lang = placeholder(str)
     config.data.data_dir = placeholder(str)  # real data: TFDS data_dir (unset = TFDS's default)
     config.data.manual_dir = placeholder(str)  # real data: local raw files (Multi30k: *.en.gz / *.de.gz)
+    config.data.text_feature = placeholder(str)  # real lm data: the text feature (unset = "text"; multi30k: "en")
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.schedule = "paper"  # "paper" | "rsqrt" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"
@@ -76,6 +78,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.eval_every = 1000
     config.prng_impl = ""  # jax_default_prng_impl: "" = JAX's default (threefry); "unsafe_rbg" is cheaper
     config.peak_flops_per_device = 0.0  # for MFU; 0 = look up the device kind
+    # data.batching="stream": Transformer-XL memory length of evaluation (unset = model.memory_length);
+    # may exceed the training one, the parameters do not depend on it.
+    config.eval_memory_length = placeholder(int)
 
     # Translation on real data: sacreBLEU on the eval split every N steps (a multiple of eval_every;
     # 0 = never), and how to decode (also the default of experiments.evaluate / translate).
@@ -111,3 +116,44 @@ def synthetic_data(config: ml_collections.ConfigDict, *, batch_size: int, max_le
     config.data.update(name="synthetic", batch_size=batch_size, eval_batch_size=batch_size, max_length=max_length,
                        vocab_size=vocab_size, eval_batches=eval_batches)
     config.data.task = task
+
+
+def vision_config(preset: str = "tiny") -> ml_collections.ConfigDict:
+    """Defaults of image classification with a ViT (`transformer.vision_training`), read by
+    `VisionTrainConfig.from_dict`. The encoder is `config.model`; the optimizer section is base_config's."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0  # parameters, dropout, augmentation and the data order
+    config.model = model_fields(preset)
+    # ViT's recipe (Dosovitskiy et al. 2021): learned positions, pre-norm, GELU.
+    config.model.update(position="learned", norm_position="pre", activation="gelu")
+
+    config.image = ml_collections.ConfigDict()  # transformer.vision.VisionConfig; must match the data
+    config.image.image_size = placeholder(int)  # height = width in pixels
+    config.image.channels = placeholder(int)
+    config.image.patch_size = placeholder(int)  # P: non-overlapping P x P patches
+    config.image.pooling = "cls"  # "cls" (class token) | "mean" (average of the patch states)
+    config.image.num_classes = placeholder(int)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = placeholder(str)  # "digits" (scikit-learn, offline) | "cifar10" (TFDS)
+    config.data.batch_size = placeholder(int)  # global images per training step
+    config.data.eval_batch_size = 256  # global images per evaluation batch
+    config.data.max_shift = 0  # augmentation: random translations of up to this many pixels (0 = none)
+    config.data.flip = False  # augmentation: random left-right flips
+    config.data.split_seed = placeholder(int)  # digits: seed of the stratified 80/20 train/test split
+    config.data.data_dir = placeholder(str)  # cifar10: TFDS data_dir (unset = TFDS's default)
+
+    config.optimizer = base_config().optimizer  # schedule, learning_rate, warmup_steps, b1, b2, ...
+    config.optimizer.b2 = 0.999  # ViT's Adam (the translation recipe's 0.98 is the paper's)
+    config.optimizer.eps = 1e-8
+    config.label_smoothing = 0.0
+    config.num_train_steps = placeholder(int)
+    config.log_every = 100
+    config.eval_every = 1000  # and at the end
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every = 1000  # and at the end
+    config.checkpoint.keep = 2  # the last N
+    config.checkpoint.best_metric = "eval_accuracy"  # also keep the best checkpoint by this ("" = not)
+    config.checkpoint.best_mode = "max"
+    return config

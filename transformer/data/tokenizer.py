@@ -97,6 +97,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = 
         sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, hard_vocab_limit=False, max_sentence_length=max_sentence_length,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        # A "char" model maps each character to one id (spaces to "▁"): no dummy "▁" before each text,
+        # so tokens are characters and bits per token are bits per character.
+        add_dummy_prefix=model_type != "char",
         # NOTE: single-threaded training is deterministic, so every host trains the same vocabulary.
         num_threads=1, minloglevel=2)
     processor = spm.SentencePieceProcessor()
