@@ -27,6 +27,7 @@ setuptools.setup(
         "sacrebleu>=2.4",
         "tensorboardX>=2.6",  # TensorBoard event files without TensorFlow
         "matplotlib>=3.8",  # training plots and attention maps (experiments.plot, experiments.attention)
+        "scikit-learn>=1.5",  # its bundled 8x8 digits: the offline ViT example (transformer.data.images)
     ],
     extras_require={
         # The TPU runtime and compiler: jax[tpu] pins the libtpu that matches jax. On any Linux x86-64
