@@ -10,7 +10,8 @@ from transformer import attention
 
 def test_xl_segments_equal_dense_attention_over_each_segment_and_the_one_before():
     batch, length, heads, head_dim, segment = 2, 12, 2, 8, 4
-    q, k, v = (jax.random.normal(key, (batch, length, heads, head_dim)) for key in jax.random.split(jax.random.key(0), 3))
+    shape = (batch, length, heads, head_dim)
+    q, k, v = (jax.random.normal(key, shape) for key in jax.random.split(jax.random.key(0), 3))
     i, j = np.arange(length)[:, None], np.arange(length)[None, :]
     mask = (j <= i) & (j // segment >= i // segment - 1)  # causal, own segment and the previous one only
     expected = attention.dot_product_attention(q, k, v, jnp.asarray(mask)[None, None], implementation="reference")
