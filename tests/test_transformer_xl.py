@@ -300,9 +300,9 @@ def test_char_lm_variants_differ_in_the_memory_only():
     from experiments.configs import multi30k_char_lm  # noqa: PLC0415
 
     plain, xl = (TrainConfig.from_dict(multi30k_char_lm.get_config(v)) for v in ("plain", "xl"))
-    assert (plain.model.memory_length, plain.eval_memory, xl.model.memory_length, xl.eval_memory) == (0, 0, 64, 192)
+    assert (plain.model.memory_length, plain.eval_memory, xl.model.memory_length, xl.eval_memory) == (0, 0, 64, 64)
     assert plain.model.replace(memory_length=64) == xl.model and plain.model.position == "rope"
-    assert dataclasses.replace(plain, model=xl.model, eval_memory_length=192) == xl  # same data, steps, optimizer
+    assert dataclasses.replace(plain, model=xl.model, eval_memory_length=64) == xl  # same data, steps, optimizer
     assert xl.data.batching == "stream" and xl.data.tokenizer == "char" and xl.data.text_feature == "en"
     with pytest.raises(ValueError, match="Unknown multi30k_char_lm variant 'big'"):
         multi30k_char_lm.get_config("big")

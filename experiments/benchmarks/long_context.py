@@ -6,8 +6,9 @@
 For each method and length T it compiles `grad(sum(attention(q, k, v) * g))` with respect to q, k
 and v ([1, T, N, H] float32, causal, as in language modelling) and reads the compiler's memory
 figures (`compiled.memory_analysis()`: temporaries + arguments + outputs, the program's peak).
-It runs the program only when those figures fit under `--max_gib`; otherwise the row says so, and
-the memory column still shows what the compiler would need. Time is the median of `--repeats`
+It runs the program only when those figures fit under `--max_gib`, and when its time, extrapolated
+quadratically from the method's previous length, stays under `--max_seconds`; otherwise the row
+says which, and the memory column still shows what the compiler would need. Time is the median of `--repeats`
 runs after one warm-up.
 
 Methods (transformer.attention, transformer.longformer, transformer.reformer):
@@ -45,6 +46,8 @@ _LSH_BUCKET = flags.DEFINE_integer("lsh_bucket", 64, "lsh: queries per sorted ch
 _LSH_HASHES = flags.DEFINE_integer("lsh_hashes", 2, "lsh: hash rounds.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per point (median reported).")
 _MAX_GIB = flags.DEFINE_float("max_gib", 12.0, "Run a program only if its compiled memory fits under this.")
+_MAX_SECONDS = flags.DEFINE_float("max_seconds", 30.0, "Skip running a point whose time, extrapolated quadratically "
+                                  "from the method's previous length, exceeds this (its memory is still compiled).")
 _OUT = flags.DEFINE_string("out", None, "Write the PNG plot here.")
 
 
@@ -99,8 +102,9 @@ def method(name: str):
     return kernels[name]
 
 
-def measure(name: str, length: int) -> dict:
-    """Compiles forward+backward of `name` at `length`; runs it if it fits. One table row."""
+def measure(name: str, length: int, previous: dict | None = None) -> dict:
+    """Compiles forward+backward of `name` at `length`; runs it if it fits. One table row.
+    `previous`: the row of the same method at a shorter length, to extrapolate the time from."""
     kernel = method(name)
     shape = (1, length, _HEADS.value, _HEAD_DIM.value)
 
@@ -115,9 +119,13 @@ def measure(name: str, length: int) -> dict:
     compile_s = time.perf_counter() - start
     memory = compiled.memory_analysis()
     peak = memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes
-    row = dict(method=name, length=length, compile_s=compile_s, peak_bytes=peak, seconds=None)
+    row = dict(method=name, length=length, compile_s=compile_s, peak_bytes=peak, seconds=None, skipped="")
     if peak > _MAX_GIB.value * 2**30:
-        return row
+        return {**row, "skipped": "over --max_gib"}
+    if previous is not None and previous["seconds"] is None:
+        return {**row, "skipped": previous["skipped"]}  # a shorter length already did not run
+    if previous is not None and previous["seconds"] * (length / previous["length"])**2 > _MAX_SECONDS.value:
+        return {**row, "skipped": "over --max_seconds"}
     jax.block_until_ready(compiled(q, k, v, g))
     times = []
     for _ in range(_REPEATS.value):
@@ -131,9 +139,9 @@ def measure(name: str, length: int) -> dict:
 def format_table(rows) -> str:
     lines = [f"{'method':<10} {'T':>7} {'fwd+bwd ms':>11} {'memory MiB':>11} {'compile s':>10}"]
     for r in rows:
-        ms = "does not fit" if r["seconds"] is None else f"{1e3 * r['seconds']:.1f}"
+        ms = "-" if r["seconds"] is None else f"{1e3 * r['seconds']:.1f}"
         lines.append(f"{r['method']:<10} {r['length']:>7} {ms:>11} {r['peak_bytes'] / 2**20:>11.1f} "
-                     f"{r['compile_s']:>10.1f}")
+                     f"{r['compile_s']:>10.1f}  {r['skipped']}")
     return "\n".join(lines)
 
 
@@ -170,8 +178,10 @@ def main(argv):
     for name in _METHODS.value:
         method(name)  # an unknown name fails before anything compiles
     for name in _METHODS.value:
-        for length in (int(x) for x in _LENGTHS.value):
-            rows.append(measure(name, length))
+        previous = None
+        for length in sorted(int(x) for x in _LENGTHS.value):
+            rows.append(measure(name, length, previous))
+            previous = rows[-1]
             print(format_table(rows[-1:]).splitlines()[1], flush=True)
     print()
     print(format_table(rows))
