@@ -194,6 +194,7 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_digits_config_trains_two_steps(tmp_path):
     config = shrink(vit_digits.get_config())
     config.model.update(d_model=16, d_ff=32)
