@@ -356,12 +356,16 @@ class _Reader:
                 self.inapplicable(overrides, f"model.num_{side}_layers", unused[f"num_{side}_layers"])
         if objective != "translation":
             self.inapplicable(overrides, "model.share_embeddings", "to translation (one vocabulary for both sides)")
+        self.kernel_options(overrides, model)
+        return model
+
+    def kernel_options(self, overrides: dict, model: ModelConfig) -> None:
+        """Refuses the model fields of a position scheme or attention kernel the model does not use."""
         if model.position != "relative":
             for name in ("relative_num_buckets", "relative_max_distance"):
                 self.inapplicable(overrides, f"model.{name}", "to model.position='relative'")
         if model.attention != "chunked":
             self.inapplicable(overrides, "model.attention_chunk_size", "to model.attention='chunked'")
-        return model
 
     def memory(self, f: dict, model: ModelConfig, data: DataConfig, optimizer: OptimizerConfig) -> int | None:
         """Transformer-XL: checks model.memory_length against the data and reads eval_memory_length."""

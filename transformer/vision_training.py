@@ -123,11 +123,7 @@ class _VisionReader(_Reader):
             image.check_model(model)
         except (ValueError, TypeError) as e:
             raise ConfigError(f"config.model: {e}") from e
-        if model.position != "relative":
-            for name in ("relative_num_buckets", "relative_max_distance"):
-                self.inapplicable(overrides, f"model.{name}", "to model.position='relative'")
-        if model.attention != "chunked":
-            self.inapplicable(overrides, "model.attention_chunk_size", "to model.attention='chunked'")
+        self.kernel_options(overrides, model)
         return model
 
     def image_data(self, f: dict) -> VisionDataConfig:
