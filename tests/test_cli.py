@@ -26,6 +26,8 @@ CASES = [
     slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.log_every=abc"], "--config.log_every=abc"),
     slow("experiments.train", [COPY, "--workdir={tmp}/w", "--config.data.tokens_per_batch=100"], "has no effect"),
     slow("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--config.data.task=copy"], "config.data.task"),
+    slow("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--alphas=0.6,x"], "--alphas=0.6,x"),
+    slow("experiments.reproduce_multi30k", ["--workdir={tmp}/w", "--alphas=-1"], "must be >= 0"),
     slow("experiments.benchmarks.train_step", ["--presets=huge"], "Unknown ModelConfig preset 'huge'"),
     # zero intervals and invalid numbers
     ("experiments.train", [COPY, "--workdir={tmp}/w", "--config.log_every=0"], "config.log_every=0 must be positive"),

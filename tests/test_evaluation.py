@@ -107,8 +107,10 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
 
     # Scoring a split reads that split alone: the training pipeline is never built.
     monkeypatch.setattr(inputs, "make_inputs", lambda *a, **k: pytest.fail("evaluate_split built the training inputs"))
-    again = inference.evaluate_split(workdir, "test", "averaged", beam_size=2)
+    again = inference.evaluate_split(workdir, "test", "averaged", beam_size=2, alpha=scores["alpha"], tag="again")
     assert again["bleu"] == pytest.approx(scores["bleu"]) and again["perplexity"] == pytest.approx(scores["perplexity"])
+    with open(os.path.join(workdir, "eval", "test.averaged.again.json")) as f:  # a tag names its own files
+        assert json.load(f)["alpha"] == scores["alpha"] == 0.6  # the config's, recorded
 
 
 class CharTokenizer:

@@ -103,3 +103,17 @@ def evaluate_translations(translator: Translator, params, sources: Sequence[str]
     lowercased, lc_signature = bleu(hypotheses, references, lowercase=True)
     return dict(bleu=cased, bleu_lc=lowercased, signature=signature, signature_lc=lc_signature,
                 sentences_per_s=len(sources) / seconds, hypotheses=hypotheses)
+
+
+def choose_on_val(evaluate_val, alphas):
+    """A decoding setting chosen on the development set, as the paper chose its beam and alpha:
+    (the alpha whose val scores have the highest lowercased BLEU, the first of equals; {alpha: scores}).
+
+    `evaluate_val(alpha)` returns the scores of decoding val with `alpha` (None: the config's), and
+    says which alpha it used under "alpha".
+    """
+    search = {}
+    for alpha in alphas:
+        scores = evaluate_val(alpha)
+        search[scores["alpha"]] = scores
+    return max(search, key=lambda a: search[a]["bleu_lc"]), search

@@ -89,10 +89,10 @@ def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], 
 
 
 def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_size=None, alpha=None,
-                   step: int | None = None) -> dict:
+                   step: int | None = None, tag: str = "") -> dict:
     """sacreBLEU (cased, lowercased) and teacher-forced perplexity of a translation run on `split`.
 
-    Writes <workdir>/eval/<split>.<checkpoint>.txt (the translations) and .json (the scores).
+    Writes <workdir>/eval/<split>.<checkpoint>[.<tag>].txt (the translations) and .json (the scores).
     """
     run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint, step)
     if run.objective != "translation" or tokenizer is None:
@@ -108,11 +108,12 @@ def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_si
     loss = training.evaluate(trainer, params, split_inputs.eval_batches())  # per-token perplexity
     hypotheses = scores.pop("hypotheses")
     result = dict(split=split, checkpoint=checkpoint, step=step, beam_size=beam_size or run.decode.beam_size,
+                  alpha=run.decode.alpha if alpha is None else alpha,
                   **scores, perplexity=loss["perplexity"], loss=loss["loss"])
     if jax.process_index() == 0:
         out_dir = os.path.join(workdir, "eval")
         os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, f"{split}.{checkpoint}")
+        stem = os.path.join(out_dir, ".".join(filter(None, (split, checkpoint, tag))))
         with open(stem + ".txt", "w") as f:
             f.write("\n".join(hypotheses) + "\n")
         with open(stem + ".json", "w") as f:
