@@ -164,7 +164,7 @@ def main(argv):
     print("| --- | --- | --- | --- |")
     for name, ts in times.items():
         m = statistics.median(ts)
-        rate = f"{tokens / m:,.0f}" if name.startswith(("step", "accumulate")) else ""
+        rate = f"{tokens / m:,.0f}" if name.startswith(("step", "accumulate", "previous")) else ""
         print(f"| {name} | {m * 1e3:.2f} | {m / whole:.1%} | {rate} |")
 
 

@@ -1,0 +1,22 @@
+"""The benchmark scripts run and print their tables (their figures are read by people, not asserted)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_step_parts_prints_every_part():
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmarks.step_parts", "--dtype=bfloat16",
+                             "--rounds=1", "--steps=1", "--accumulate=2"], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    parts = [row.split(" | ")[0].strip("| ") for row in rows[2:]]
+    assert parts == ["step (donated)", "step, no donate", "grads only", "adam only", "host -> device",
+                     "accumulate 2", "previous kernels"]
+    assert all(float(row.split(" | ")[1].replace(",", "")) > 0 for row in rows[2:])
