@@ -93,6 +93,38 @@ def test_gradients_match_reference(implementation):
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("num_kv_heads, with_mask", [(4, True), (2, True), (1, True), (2, False)])
+def test_fused_without_bias_on_cpu_has_its_own_gradient_and_matches(num_kv_heads, with_mask):
+    """On CPU, "fused" without a bias is `_softmax_attention` (a custom VJP, the jaxpr shows it):
+    values against NumPy, gradients against autodiff of the reference kernel, float32 and bfloat16,
+    fully masked rows included."""
+    q, k, v, mask, _ = make_inputs(seed=5, num_kv_heads=num_kv_heads)
+    mask = mask if with_mask else None
+    jaxpr = str(jax.make_jaxpr(functools.partial(attention.dot_product_attention, implementation="fused"))(
+        q, k, v, mask))
+    assert "custom_vjp_call" in jaxpr
+    visible = np.ones((1, 1, 1, 1), bool) if mask is None else mask
+    expected = numpy_attention(q, k, v, visible, np.zeros((1, 1, 1, 1)))
+    out = attention.dot_product_attention(q, k, v, mask, implementation="fused")
+    np.testing.assert_allclose(out, expected, atol=1e-5, rtol=1e-5)
+    if with_mask:
+        assert not np.any(out[0, 2]) and not np.any(out[1, 4]), "fully masked rows must be zero"
+
+    def loss(impl, q, k, v):
+        out = attention.dot_product_attention(q, k, v, mask, implementation=impl)
+        weights = jnp.arange(out.size).reshape(out.shape) / out.size - 0.5
+        return jnp.sum(out.astype(jnp.float32) * weights)
+
+    for dtype, tolerance in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        args = [jnp.asarray(x, dtype) for x in (q, k, v)]
+        expected = jax.grad(loss, argnums=(1, 2, 3))("reference", *args)
+        actual = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)("fused", *args)
+        for e, a in zip(expected, actual):
+            assert a.dtype == dtype
+            e, a = np.asarray(e, np.float32), np.asarray(a, np.float32)
+            np.testing.assert_allclose(a, e, atol=tolerance * np.abs(e).max(), rtol=tolerance)
+
+
 @pytest.mark.parametrize("implementation", ["reference", "chunked"])
 def test_dropout_keeps_expectation_and_zeroes_weights(implementation):
     """With one-hot values the output *is* the attention weights: dropout zeroes a `rate` fraction

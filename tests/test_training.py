@@ -26,7 +26,13 @@ def read_metrics(workdir):
 
 @pytest.mark.slow  # ~1 minute: the default suite's training coverage is the resume, divergence and LM/MLM tests
 def test_copy_task_learns(tmp_path):
-    final = training.train_and_evaluate(copy_config.get_config(), str(tmp_path))
+    # The recipe's inverse-sqrt schedule is still at 40% of its peak after 500 steps and the
+    # accuracy hovers around the bar: seeds 0-5 ended at 0.980-0.998 (three below 0.99), and any
+    # change of float rounding moved seed 0 across it. Annealed to zero, the same 500 steps end at
+    # 0.998-1.000 for seeds 0-5, so a failure here means learning broke, not that rounding moved.
+    config = copy_config.get_config()
+    config.optimizer.schedule = "cosine"
+    final = training.train_and_evaluate(config, str(tmp_path))
     assert final["eval_accuracy"] > 0.99, final
     records = read_metrics(tmp_path)
     assert any("train/tokens_per_s" in r for r in records) and any("eval/loss" in r for r in records)

@@ -8,7 +8,9 @@ Axis legend, used in every shape and einsum string of this package:
 `dot_product_attention` is a pure function with four interchangeable kernels:
   * "reference": plain einsums, softmax in float32. The readable definition.
   * "fused": `jax.nn.dot_product_attention` (XLA; cuDNN flash attention on GPU in 16-bit dtypes);
-    on TPU, splash attention wherever splash applies (below, and T, S >= 128).
+    on TPU, splash attention wherever splash applies (below, and T, S >= 128); on CPU without a
+    bias, `_softmax_attention` (the reference's result with a written-out gradient, fewer passes
+    over the [T, S] weights).
   * "chunked": online softmax over key blocks (Rabe & Staats 2021; Dao et al. 2022), memory
     O(T * block) instead of O(T * S), for long sequences.
   * "splash": the Pallas TPU splash attention kernel (jax.experimental.pallas.ops.tpu), a blocked
@@ -184,7 +186,64 @@ def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rn
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
+def _softmax_attention(query, key, value, mask):
+    """The reference kernel's result (no bias, no dropout) with a hand-written gradient.
+
+    XLA's gradient of the reference reads and writes the [B, K, G, T, S] weights in float32 some
+    ten times (the softmax's output kept for its gradient, the mask applied again, casts). Here the
+    forward keeps the weights once, in the compute dtype, and the backward uses FlashAttention's
+    identity sum_s w_s dw_s = sum_h dout_h out_h (Dao et al. 2022) for the softmax's gradient, so
+    the [T, S] arrays are touched fewer times. Masked weights are 0, so their gradients are too.
+    """
+    batch, q_len, num_heads, head_dim = query.shape
+    num_kv_heads = key.shape[2]
+    query = query.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [B, T, K, G, H]
+    mask = None if mask is None else _group_heads(mask, num_kv_heads)  # [B, K or 1, G or 1, T, S]
+    out = _softmax_attention_vjp(head_dim**-0.5, query, key, value, mask)
+    return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _softmax_attention_vjp(scale, query, key, value, mask):
+    return _softmax_attention_forward(scale, query, key, value, mask)[0]
+
+
+def _softmax_attention_forward(scale, query, key, value, mask):
+    dtype = query.dtype
+    # logits, weights: [B, K, G, T, S]; the softmax in float32, the weights kept in `dtype`.
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", query, key, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        logits = jnp.where(mask, logits, _MASKED)
+    exp = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    if mask is not None:
+        exp = jnp.where(mask, exp, 0.0)  # a fully masked row attends to nothing
+    total = jnp.sum(exp, axis=-1, keepdims=True)
+    weights = (exp / jnp.where(total > 0.0, total, 1.0)).astype(dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", weights, value, preferred_element_type=jnp.float32).astype(dtype)
+    return out, (query, key, value, mask, weights, out)
+
+
+def _softmax_attention_backward(scale, residuals, grad):
+    query, key, value, mask, weights, out = residuals
+    dtype = query.dtype
+    grad = grad.astype(dtype)  # [B, T, K, G, H]
+    d_weights = jnp.einsum("BTKGH,BSKH->BKGTS", grad, value, preferred_element_type=jnp.float32)
+    # d logits = w * (dw - sum_s w dw), and sum_s w dw = sum_h dout * out: [B, T, K, G] -> [B, K, G, T, 1].
+    row = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    row = jnp.transpose(row, (0, 2, 3, 1))[..., None]
+    d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(dtype)
+    d_query = jnp.einsum("BKGTS,BSKH->BTKGH", d_logits, key, preferred_element_type=jnp.float32) * scale
+    d_key = jnp.einsum("BKGTS,BTKGH->BSKH", d_logits, query, preferred_element_type=jnp.float32) * scale
+    d_value = jnp.einsum("BKGTS,BTKGH->BSKH", weights, grad, preferred_element_type=jnp.float32)
+    return d_query.astype(dtype), d_key.astype(key.dtype), d_value.astype(value.dtype), None
+
+
+_softmax_attention_vjp.defvjp(_softmax_attention_forward, _softmax_attention_backward)
+
+
 def _fused_attention(query, key, value, mask, bias):
+    if bias is None and _platform() == "cpu":
+        return _softmax_attention(query, key, value, mask)
     on_gpu = jax.default_backend() == "gpu" and query.dtype in (jnp.bfloat16, jnp.float16)
     out = jax.nn.dot_product_attention(
         query, key, value, bias=None if bias is None else bias.astype(query.dtype), mask=mask,
@@ -315,14 +374,19 @@ def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PRE
     return _online_softmax_output(denominator, acc, query.dtype)
 
 
-def _on_tpu() -> bool:
-    """Whether this trace is for TPU: the devices of the mesh in context (an AOT topology's
-    included), else the default backend."""
+def _platform() -> str:
+    """The platform this trace is for: the devices' of the mesh in context (an AOT topology's
+    included), else the default backend's."""
     mesh = jax.sharding.get_abstract_mesh()
     device = None if mesh.empty else getattr(mesh, "abstract_device", None)
     if device is not None and device.platform:
-        return device.platform == "tpu"
-    return jax.default_backend() == "tpu"
+        return device.platform
+    return jax.default_backend()
+
+
+def _on_tpu() -> bool:
+    """Whether this trace is for TPU (`_platform`)."""
+    return _platform() == "tpu"
 
 
 def _splash_unsupported(segments, bias, use_dropout) -> str | None:

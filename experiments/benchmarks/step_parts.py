@@ -11,13 +11,19 @@ process times, round after round (the median counts, so drift on a shared machin
   * grads only:      forward + backward (the step without the optimizer);
   * adam only:       the optimizer's update and `optax.apply_updates` on the same gradients;
   * host -> device:  `Trainer.to_global` of one packed batch (6 int32 [B, T] arrays) from NumPy;
-  * accumulate k:    `optimizer.grad_accum_steps=k` (k micro-batches of B/k rows, the same update).
+  * accumulate k:    `optimizer.grad_accum_steps=k` (k micro-batches of B/k rows, the same update);
+  * previous kernels: the step with flax's `nn.LayerNorm` and `jax.nn.dot_product_attention` (XLA's
+                     own gradients) in place of `layers.layer_norm` and the CPU attention kernel
+                     with written-out gradients (`--previous_kernels`).
 """
 
+import contextlib
 import functools
 import statistics
 import time
+from unittest import mock
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,9 +34,10 @@ from experiments import cli
 from experiments.benchmarks import compare
 from experiments.benchmarks.compare import SHAPES
 from experiments.configs import defaults
-from transformer import sharding, steps, training
+from transformer import attention, layers, models, sharding, steps, training
 
 _SHAPE = flags.DEFINE_enum("shape", "multi30k", list(SHAPES), "Which compare.py shape.")
+_PREVIOUS = flags.DEFINE_bool("previous_kernels", True, "Also time the step with the kernels before 2026-11-30.")
 _ACCUM = flags.DEFINE_list("accumulate", ["2", "4"], "Gradient accumulation factors to time (besides 1).")
 # --dtype (default float32), --rounds and --steps are compare.py's flags (imported with its shapes).
 _DTYPE, _ROUNDS, _STEPS = compare._DTYPE, compare._ROUNDS, compare._STEPS
@@ -46,6 +53,20 @@ def make_trainer(shape: str, dtype: str, grad_accum_steps: int = 1) -> training.
     defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
     config.optimizer.update(schedule="constant", learning_rate=1e-4, grad_accum_steps=grad_accum_steps)
     return training.Trainer(config, training.model_config(config, vocab), sharding.make_mesh(data=-1))
+
+
+@contextlib.contextmanager
+def previous_kernels():
+    """Models built inside use flax's LayerNorm and, on CPU, jax.nn.dot_product_attention for "fused"."""
+    def flax_norm(cfg, name):
+        axes = ("embed",)
+        return nn.LayerNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, name=name,
+                            scale_init=nn.with_logical_partitioning(nn.initializers.ones, axes),
+                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes))
+
+    with mock.patch.object(layers, "make_norm", flax_norm), mock.patch.object(models, "make_norm", flax_norm), \
+            mock.patch.object(attention, "_platform", lambda: "any"):
+        yield
 
 
 def packed_rows(shape: str, seed: int = 0) -> dict:
@@ -118,6 +139,17 @@ def main(argv):
             return out
 
         parts[f"accumulate {k}"] = accumulated
+    if _PREVIOUS.value:
+        with previous_kernels():  # traced and compiled here, on the first call
+            previous = make_trainer(shape, dtype)
+            holder["previous"] = previous.init_state(0)
+            holder["previous"], _ = previous.train_step(holder["previous"], batch)
+
+        def previous_step():
+            holder["previous"], out = previous.train_step(holder["previous"], batch)
+            return out
+
+        parts["previous kernels"] = previous_step
     for fn in parts.values():  # compile and warm up
         fn()
         jax.block_until_ready(fn())
@@ -132,7 +164,7 @@ def main(argv):
     print("| --- | --- | --- | --- |")
     for name, ts in times.items():
         m = statistics.median(ts)
-        rate = f"{tokens / m:,.0f}" if name.startswith(("step", "accumulate")) else ""
+        rate = f"{tokens / m:,.0f}" if name.startswith(("step", "accumulate", "previous")) else ""
         print(f"| {name} | {m * 1e3:.2f} | {m / whole:.1%} | {rate} |")
 
 
