@@ -78,27 +78,46 @@ def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> t
     return jax_rate, torch_rate
 
 
+def timed(fn, calls: int) -> float:
+    """Seconds per call of `fn()` (each call returns something to wait on), to completion."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / calls
+
+
 def timed_steps(step, state, steps: int):
     """(state after `steps` calls of `step(state) -> (state, out)`, seconds per call, to completion)."""
-    start = time.perf_counter()
-    for _ in range(steps):
-        state, out = step(state)
-    jax.block_until_ready(out)
-    return state, (time.perf_counter() - start) / steps
+    holder = [state]
+
+    def call():
+        holder[0], out = step(holder[0])
+        return out
+
+    seconds = timed(call, steps)
+    return holder[0], seconds
+
+
+def ours_trainer(vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32", loss_block_tokens=0,
+                 grad_accum_steps=1) -> training.Trainer:
+    """Our Trainer at a shape of SHAPES: post-norm EncoderDecoder, shared embeddings, synthetic rows,
+    a constant learning rate (the update's cost does not depend on it)."""
+    config = defaults.base_config()
+    config.model = defaults.model_fields("base")
+    config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
+                        num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype,
+                        loss_block_tokens=loss_block_tokens)
+    defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
+    config.optimizer.update(schedule="constant", learning_rate=1e-4, grad_accum_steps=grad_accum_steps)
+    return training.Trainer(config, training.model_config(config, vocab), sharding.make_mesh(data=-1))
 
 
 class Ours:
     def __init__(self, vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype="float32",
                  loss_block_tokens=0):
-        config = defaults.base_config()
-        config.model = defaults.model_fields("base")
-        config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
-                            num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype,
-                            loss_block_tokens=loss_block_tokens)
-        defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
-        config.optimizer.update(schedule="constant", learning_rate=1e-4)
-        model_cfg = training.model_config(config, vocab)
-        self.trainer = training.Trainer(config, model_cfg, sharding.make_mesh(data=-1))
+        self.trainer = ours_trainer(vocab, d_model, heads, d_ff, layers, batch, length, dropout, dtype,
+                                    loss_block_tokens)
         self.state = self.trainer.init_state(0)
         rng = np.random.default_rng(0)
         rows = {k: rng.integers(2, vocab, size=(batch, length), dtype=np.int32) for k in ("inputs", "targets")}

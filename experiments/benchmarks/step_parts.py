@@ -12,15 +12,15 @@ process times, round after round (the median counts, so drift on a shared machin
   * adam only:       the optimizer's update and `optax.apply_updates` on the same gradients;
   * host -> device:  `Trainer.to_global` of one packed batch (6 int32 [B, T] arrays) from NumPy;
   * accumulate k:    `optimizer.grad_accum_steps=k` (k micro-batches of B/k rows, the same update);
-  * previous kernels: the step with flax's `nn.LayerNorm` and `jax.nn.dot_product_attention` (XLA's
-                     own gradients) in place of `layers.layer_norm` and the CPU attention kernel
+  * previous kernels: the step with flax's `nn.LayerNorm`, `nn.Dropout` (a 32-bit word per mask
+                     element) and `jax.nn.dot_product_attention` (XLA's own gradients) in place of
+                     `layers.layer_norm`, `layers.Dropout` (16 bits) and the CPU attention kernel
                      with written-out gradients (`--previous_kernels`).
 """
 
 import contextlib
 import functools
 import statistics
-import time
 from unittest import mock
 
 import flax.linen as nn
@@ -33,31 +33,24 @@ from absl import flags
 from experiments import cli
 from experiments.benchmarks import compare
 from experiments.benchmarks.compare import SHAPES
-from experiments.configs import defaults
-from transformer import attention, layers, models, sharding, steps, training
+from transformer import attention, layers, models, steps, training
 
 _SHAPE = flags.DEFINE_enum("shape", "multi30k", list(SHAPES), "Which compare.py shape.")
-_PREVIOUS = flags.DEFINE_bool("previous_kernels", True, "Also time the step with the kernels before 2026-11-30.")
+_PREVIOUS = flags.DEFINE_bool("previous_kernels", True,
+                              "Also time the step with the kernels before 2026-11-30 (the docstring).")
 _ACCUM = flags.DEFINE_list("accumulate", ["2", "4"], "Gradient accumulation factors to time (besides 1).")
 # --dtype (default float32), --rounds and --steps are compare.py's flags (imported with its shapes).
 _DTYPE, _ROUNDS, _STEPS = compare._DTYPE, compare._ROUNDS, compare._STEPS
 
 
 def make_trainer(shape: str, dtype: str, grad_accum_steps: int = 1) -> training.Trainer:
-    vocab, d_model, heads, d_ff, layers, batch, length, dropout = SHAPES[shape]
-    config = defaults.base_config()
-    config.model = defaults.model_fields("base")
-    config.model.update(d_model=d_model, num_heads=heads, d_ff=d_ff, num_encoder_layers=layers,
-                        num_decoder_layers=layers, dropout_rate=dropout, max_len=max(512, length), dtype=dtype,
-                        loss_block_tokens=256)
-    defaults.synthetic_data(config, task="copy", batch_size=batch, max_length=length, vocab_size=vocab)
-    config.optimizer.update(schedule="constant", learning_rate=1e-4, grad_accum_steps=grad_accum_steps)
-    return training.Trainer(config, training.model_config(config, vocab), sharding.make_mesh(data=-1))
+    return compare.ours_trainer(*SHAPES[shape], dtype=dtype, loss_block_tokens=256, grad_accum_steps=grad_accum_steps)
 
 
 @contextlib.contextmanager
 def previous_kernels():
-    """Models built inside use flax's LayerNorm and, on CPU, jax.nn.dot_product_attention for "fused"."""
+    """Models built inside use flax's LayerNorm and Dropout and, on CPU, jax.nn.dot_product_attention
+    for "fused"."""
     def flax_norm(cfg, name):
         axes = ("embed",)
         return nn.LayerNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, name=name,
@@ -65,7 +58,8 @@ def previous_kernels():
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes))
 
     with mock.patch.object(layers, "make_norm", flax_norm), mock.patch.object(models, "make_norm", flax_norm), \
-            mock.patch.object(attention, "_platform", lambda: "any"):
+            mock.patch.object(attention, "_platform", lambda: "any"), \
+            mock.patch.object(layers, "Dropout", nn.Dropout), mock.patch.object(models, "Dropout", nn.Dropout):
         yield
 
 
@@ -78,15 +72,6 @@ def packed_rows(shape: str, seed: int = 0) -> dict:
         rows[f"{side}_segment_ids"] = np.repeat(np.arange(1, 5, dtype=np.int32), length // 4)[None].repeat(batch, 0)
         rows[f"{side}_positions"] = np.tile(np.arange(length // 4, dtype=np.int32), 4)[None].repeat(batch, 0)
     return rows
-
-
-def timed(fn, calls: int) -> float:
-    """Seconds per call of `fn()` (each call returns something to wait on)."""
-    start = time.perf_counter()
-    for _ in range(calls):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / calls
 
 
 def main(argv):
@@ -156,7 +141,7 @@ def main(argv):
     times = {name: [] for name in parts}
     for _ in range(_ROUNDS.value):
         for name, fn in parts.items():
-            times[name].append(timed(fn, _STEPS.value))
+            times[name].append(compare.timed(fn, _STEPS.value))
     whole = statistics.median(times["step (donated)"])
     print(f"{shape} {SHAPES[shape][:7]}, {dtype}, JAX {jax.__version__}, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}; median of {_ROUNDS.value} rounds x {_STEPS.value} calls")
