@@ -314,7 +314,7 @@ class Sublayers(nn.Module):
                           decode=decode, static_kv=True)
         else:
             x = layers._feed_forward(cfg)(x)
-        return layers.Dropout(cfg.dropout_rate, name=f"{branch}_dropout")(x, deterministic=deterministic)
+        return nn.Dropout(cfg.dropout_rate, name=f"{branch}_dropout")(x, deterministic=deterministic)
 
 
 class ReversibleStack(nn.Module):

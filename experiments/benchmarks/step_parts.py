@@ -12,9 +12,8 @@ process times, round after round (the median counts, so drift on a shared machin
   * adam only:       the optimizer's update and `optax.apply_updates` on the same gradients;
   * host -> device:  `Trainer.to_global` of one packed batch (6 int32 [B, T] arrays) from NumPy;
   * accumulate k:    `optimizer.grad_accum_steps=k` (k micro-batches of B/k rows, the same update);
-  * previous kernels: the step with flax's `nn.LayerNorm`, `nn.Dropout` (a 32-bit word per mask
-                     element) and `jax.nn.dot_product_attention` (XLA's own gradients) in place of
-                     `layers.layer_norm`, `layers.Dropout` (16 bits) and the CPU attention kernel
+  * previous kernels: the step with flax's `nn.LayerNorm` and `jax.nn.dot_product_attention` (XLA's
+                     own gradients) in place of `layers.layer_norm` and the CPU attention kernel
                      with written-out gradients (`--previous_kernels`).
 """
 
@@ -49,8 +48,7 @@ def make_trainer(shape: str, dtype: str, grad_accum_steps: int = 1) -> training.
 
 @contextlib.contextmanager
 def previous_kernels():
-    """Models built inside use flax's LayerNorm and Dropout and, on CPU, jax.nn.dot_product_attention
-    for "fused"."""
+    """Models built inside use flax's LayerNorm and, on CPU, jax.nn.dot_product_attention for "fused"."""
     def flax_norm(cfg, name):
         axes = ("embed",)
         return nn.LayerNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, name=name,
@@ -58,8 +56,7 @@ def previous_kernels():
                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes))
 
     with mock.patch.object(layers, "make_norm", flax_norm), mock.patch.object(models, "make_norm", flax_norm), \
-            mock.patch.object(attention, "_platform", lambda: "any"), \
-            mock.patch.object(layers, "Dropout", nn.Dropout), mock.patch.object(models, "Dropout", nn.Dropout):
+            mock.patch.object(attention, "_platform", lambda: "any"):
         yield
 
 
