@@ -150,6 +150,7 @@ def test_unknown_leaf_in_a_stored_config_is_an_error():
         TrainConfig.from_dict(ml_collections.ConfigDict(config))
 
 
+@pytest.mark.slow  # a training subprocess (~15 s); the default suite stays under 10 minutes on 2 cores
 def test_synthetic_training_loads_neither_tfds_nor_sentencepiece(tmp_path):
     """`import transformer.training` and a synthetic run import no TFDS / SentencePiece, and honour prng_impl."""
     script = f"""

@@ -162,6 +162,7 @@ def run_train(*flags, env=None, timeout=300):
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # three `experiments.train` subprocesses (~12 s); test_cli covers one-line errors by default
 def test_bad_flags_fail_clearly(tmp_path):
     result = run_train("--config=experiments/configs/copy.py", f"--workdir={tmp_path}", "--config.model.d_modle=3")
     assert result.returncode != 0 and "d_modle" in result.stderr
