@@ -77,9 +77,10 @@ def main(argv):
     # Greedy decoding has no length penalty to choose: the config's alpha (unused) stands.
     alphas = alphas if run.decode.beam_size > 1 else [None]
 
+    scorer = inference.SplitScorer(workdir, "averaged")  # restored once; val's perplexity computed once
+
     def evaluate_val(alpha):
-        scores = inference.evaluate_split(workdir, "validation", "averaged", alpha=alpha,
-                                          tag=f"alpha{alpha:g}" if len(alphas) > 1 else "")
+        scores = scorer.score("validation", alpha=alpha, tag=f"alpha{alpha:g}" if len(alphas) > 1 else "")
         print(f"validation (alpha {scores['alpha']:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU "
               f"{scores['bleu_lc']:.2f}", flush=True)
         return {k: scores[k] for k in keys}
@@ -89,7 +90,7 @@ def main(argv):
     if len(search) > 1:
         results["alpha_search"] = {f"{a:g}": {k: s[k] for k in ("bleu", "bleu_lc")} for a, s in search.items()}
         print(f"Length penalty chosen on val: alpha {best:g}", flush=True)
-    scores = inference.evaluate_split(workdir, "test", "averaged", alpha=best)
+    scores = scorer.score("test", alpha=best)
     results["splits"]["test"] = {k: scores[k] for k in keys}
     print(f"test (alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}", flush=True)
     results["total_minutes"] = (time.time() - start) / 60

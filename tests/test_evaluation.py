@@ -112,6 +112,17 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
     with open(os.path.join(workdir, "eval", "test.averaged.again.json")) as f:  # a tag names its own files
         assert json.load(f)["alpha"] == scores["alpha"] == 0.6  # the config's, recorded
 
+    # One SplitScorer restores the checkpoint once and reads a split once, whatever it decodes with.
+    evaluate, passes = training.evaluate, []
+    monkeypatch.setattr(training, "evaluate", lambda *a: passes.append("evaluate") or evaluate(*a))
+    scorer = inference.SplitScorer(workdir, "averaged")
+    first = scorer.score("test", beam_size=2, alpha=scores["alpha"], tag="first")
+    second = scorer.score("test", beam_size=2, alpha=1.0, tag="second")
+    assert passes == ["evaluate"]  # the teacher-forced pass ran once for both
+    assert first["bleu"] == pytest.approx(scores["bleu"]) and first["perplexity"] == pytest.approx(scores["perplexity"])
+    assert second["alpha"] == 1.0 and second["perplexity"] == first["perplexity"]
+    assert os.path.exists(os.path.join(workdir, "eval", "test.averaged.second.json"))
+
 
 class CharTokenizer:
     """A stand-in vocabulary: one id per character (mod 20), after pad 0, eos 1, unk 2."""

@@ -88,37 +88,62 @@ def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], 
     return steps, target.directory
 
 
+class SplitScorer:
+    """A translation run's checkpoint restored once, scoring any of its splits with any decoding setting.
+
+    Each split's inputs and teacher-forced perplexity are computed the first time it is scored and
+    reused after that: choosing a length penalty on val and then decoding test restores the
+    checkpoint once and reads each split once.
+    """
+
+    def __init__(self, workdir: str, checkpoint: str = "latest", step: int | None = None):
+        self.run, self.trainer, self.params, self.tokenizer, self.step = load_for_inference(workdir, checkpoint, step)
+        if self.run.objective != "translation" or self.tokenizer is None:
+            raise workdir_lib.WorkdirError(
+                f"{workdir} holds a {self.run.objective!r} run on {self.run.data.name!r} data: scoring needs a "
+                "translation run on real data.")
+        self.workdir, self.checkpoint = workdir, checkpoint
+        self._splits = {}  # split -> (inputs, teacher-forced loss)
+
+    def _split(self, split: str):
+        if split not in self._splits:
+            split_inputs = inputs.eval_inputs(self.run, self.tokenizer, split)  # the split alone, no training pipeline
+            loss = training.evaluate(self.trainer, self.params, split_inputs.eval_batches())  # per-token perplexity
+            self._splits[split] = split_inputs, loss
+        return self._splits[split]
+
+    def score(self, split: str, beam_size=None, alpha=None, tag: str = "") -> dict:
+        """sacreBLEU (cased, lowercased) and perplexity on `split`, decoding with `beam_size` and
+        `alpha` (None: the run's). Writes <workdir>/eval/<split>.<checkpoint>[.<tag>].txt (the
+        translations) and .json (the scores)."""
+        split_inputs, loss = self._split(split)
+        translator = evaluation.Translator.from_config(
+            self.trainer.model, self.tokenizer, self.run.decode, max_input_length=self.run.data.max_length,
+            sharding=self.trainer.batch_sharding, beam_size=beam_size, alpha=alpha)
+        sources, references = split_inputs.eval_texts
+        with self.trainer.context():
+            scores = evaluation.evaluate_translations(translator, self.params, sources, references)
+        hypotheses = scores.pop("hypotheses")
+        result = dict(split=split, checkpoint=self.checkpoint, step=self.step,
+                      beam_size=beam_size or self.run.decode.beam_size,
+                      alpha=self.run.decode.alpha if alpha is None else alpha,
+                      **scores, perplexity=loss["perplexity"], loss=loss["loss"])
+        if jax.process_index() == 0:
+            out_dir = os.path.join(self.workdir, "eval")
+            os.makedirs(out_dir, exist_ok=True)
+            stem = os.path.join(out_dir, ".".join(filter(None, (split, self.checkpoint, tag))))
+            with open(stem + ".txt", "w") as f:
+                f.write("\n".join(hypotheses) + "\n")
+            with open(stem + ".json", "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+
+
 def evaluate_split(workdir: str, split: str, checkpoint: str = "latest", beam_size=None, alpha=None,
                    step: int | None = None, tag: str = "") -> dict:
-    """sacreBLEU (cased, lowercased) and teacher-forced perplexity of a translation run on `split`.
-
-    Writes <workdir>/eval/<split>.<checkpoint>[.<tag>].txt (the translations) and .json (the scores).
-    """
-    run, trainer, params, tokenizer, step = load_for_inference(workdir, checkpoint, step)
-    if run.objective != "translation" or tokenizer is None:
-        raise workdir_lib.WorkdirError(f"{workdir} holds a {run.objective!r} run on {run.data.name!r} data: scoring "
-                                       "needs a translation run on real data.")
-    split_inputs = inputs.eval_inputs(run, tokenizer, split)  # the split alone, no training pipeline
-    translator = evaluation.Translator.from_config(trainer.model, tokenizer, run.decode,
-                                                   max_input_length=run.data.max_length,
-                                                   sharding=trainer.batch_sharding, beam_size=beam_size, alpha=alpha)
-    sources, references = split_inputs.eval_texts
-    with trainer.context():
-        scores = evaluation.evaluate_translations(translator, params, sources, references)
-    loss = training.evaluate(trainer, params, split_inputs.eval_batches())  # per-token perplexity
-    hypotheses = scores.pop("hypotheses")
-    result = dict(split=split, checkpoint=checkpoint, step=step, beam_size=beam_size or run.decode.beam_size,
-                  alpha=run.decode.alpha if alpha is None else alpha,
-                  **scores, perplexity=loss["perplexity"], loss=loss["loss"])
-    if jax.process_index() == 0:
-        out_dir = os.path.join(workdir, "eval")
-        os.makedirs(out_dir, exist_ok=True)
-        stem = os.path.join(out_dir, ".".join(filter(None, (split, checkpoint, tag))))
-        with open(stem + ".txt", "w") as f:
-            f.write("\n".join(hypotheses) + "\n")
-        with open(stem + ".json", "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+    """sacreBLEU (cased, lowercased) and teacher-forced perplexity of a translation run on `split`
+    (`SplitScorer(workdir, checkpoint, step).score(split, beam_size, alpha, tag)`)."""
+    return SplitScorer(workdir, checkpoint, step).score(split, beam_size, alpha, tag)
 
 
 def evaluate_stream(workdir: str, eval_memory_lengths, split: str | None = None, checkpoint: str = "latest",
