@@ -73,11 +73,14 @@ class Dense(nn.Module):
         return dense(self, "kernel", x.astype(self.dtype), self.features, self.axes, self.use_bias, bias_name="bias")
 
 
+NORM_SCALE_INIT = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+NORM_BIAS_INIT = nn.with_logical_partitioning(nn.initializers.zeros, ("embed",))
+
+
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
     """LayerNorm (Ba et al. 2016, the paper's choice) or RMSNorm (Zhang & Sennrich 2019), as `cfg` says."""
-    scale_init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, scale_init=scale_init, name=name)
+        return nn.RMSNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, scale_init=NORM_SCALE_INIT, name=name)
     return LayerNorm(epsilon=cfg.norm_epsilon, dtype=cfg.compute_dtype, name=name)
 
 
@@ -93,8 +96,8 @@ class LayerNorm(nn.Module):
     def __call__(self, x):
         """[..., D] -> [..., D] in `dtype`."""
         features = (x.shape[-1],)
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), features)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), features)
+        scale = self.param("scale", NORM_SCALE_INIT, features)
+        bias = self.param("bias", NORM_BIAS_INIT, features)
         return layer_norm(x, scale, bias, self.epsilon, jnp.dtype(self.dtype))
 
 

@@ -82,8 +82,8 @@ def main(argv):
 
     plain_step = jax.jit(trainer._train_step.__wrapped__, in_shardings=(trainer.state_sharding, trainer.batch_sharding))
     grad_fn = jax.jit(lambda params, batch, rng: jax.grad(functools.partial(
-        steps.loss_fn, model=trainer.model, objective="translation", label_smoothing=0.1, deterministic=False,
-        mask_id=0), has_aux=True)(params, batch, rng)[0])
+        steps.loss_fn, model=trainer.model, objective=trainer.objective, label_smoothing=trainer.config.label_smoothing,
+        deterministic=False, mask_id=trainer.mask_id), has_aux=True)(params, batch, rng)[0])
     adam = jax.jit(lambda params, grads, opt_state: (lambda u, s: (optax.apply_updates(params, u), s))(
         *trainer.tx.update(grads, opt_state, params)), donate_argnums=(0, 2))
     rng = jax.random.PRNGKey(0)
