@@ -13,7 +13,9 @@ once, with the alpha that scored best on val (lowercased BLEU). Test never takes
 Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
 otherwise the files are downloaded. Prints progress, then a results table; writes
 <workdir>/results.json and the training curves <workdir>/plots/training.png (`experiments.plot`).
-Rerunning resumes training where it stopped.
+Rerunning resumes training where it stopped. A SIGTERM (preemption) or Ctrl-C during training saves
+a checkpoint and ends the command without evaluating; the time budget of `hour` and `two_hours`
+ends training and goes on to the evaluation.
 """
 
 import json
@@ -67,7 +69,11 @@ def main(argv):
     run = TrainConfig.from_dict(config)
     runtime.initialize(run.prng_impl, distributed=_DISTRIBUTED.value, heartbeat_timeout_seconds=_HEARTBEAT.value)
     print(f"Training in {workdir} (data: {raw_dir or 'download'})", flush=True)
-    training.train_and_evaluate(config, workdir, restart_data=_RESTART_DATA.value)
+    final = training.train_and_evaluate(config, workdir, restart_data=_RESTART_DATA.value)
+    if "interrupted_by" in final:  # preempted or Ctrl-C: the checkpoint is saved; no scores of a half-trained model
+        print(f"Training stopped by {final['interrupted_by']} (checkpoint saved): nothing was evaluated. Run the same "
+              "command again to resume.", flush=True)
+        return
     train_minutes = (time.time() - start) / 60
 
     steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or run.checkpoint.keep)

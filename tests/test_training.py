@@ -242,6 +242,50 @@ def test_a_killed_process_ends_its_peer_within_the_heartbeat_timeout(tmp_path):
     assert procs[0].returncode != 0 and waited < 90, (procs[0].returncode, waited)
 
 
+def test_a_signal_stops_training_with_a_checkpoint_and_says_so(tmp_path, monkeypatch):
+    """SIGTERM mid-run: a checkpoint at that step, and "interrupted_by" in the returned metrics, which
+    experiments.reproduce_multi30k reads to end without evaluating; the time budget's stop does not set it."""
+    calls, step = [], training.Trainer.train_step
+
+    def signalling(self, state, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled by the loop's _StopSignal, after this step
+        return step(self, state, batch)
+
+    monkeypatch.setattr(training.Trainer, "train_step", signalling)
+    final = training.train_and_evaluate(small_config(50), str(tmp_path / "signalled"))
+    assert final["interrupted_by"] == "SIGTERM"
+    assert final_params(str(tmp_path / "signalled"), small_config(50))[2] == 3
+    monkeypatch.undo()
+    budget = small_config(50)
+    budget.max_train_minutes = 1e-6  # out of time after the first step
+    final = training.train_and_evaluate(budget, str(tmp_path / "budget"))
+    assert "interrupted_by" not in final and final_params(str(tmp_path / "budget"), budget)[2] < 50
+
+
+@pytest.mark.slow
+def test_reproduce_multi30k_stops_on_sigterm_without_evaluating(tmp_path, multi30k_dir):
+    """Preempted during training, the recipe's entry point saves a checkpoint and ends: it does not go on to
+    average and score a half-trained model (the time budget's stop does; tests/test_plots.py)."""
+    workdir = tmp_path / "run"
+    command = [sys.executable, "-m", "experiments.reproduce_multi30k", f"--workdir={workdir}",
+               f"--raw_dir={multi30k_dir}", "--config.num_train_steps=100000", "--config.log_every=2",
+               "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
+               "--config.model.num_heads=2", "--config.data.vocab_size=300", "--config.data.batch_size=32"]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_path = workdir / "metrics.jsonl"
+    deadline = time.time() + 600
+    while not (metrics_path.exists() and metrics_path.stat().st_size) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    assert "Training stopped by SIGTERM (checkpoint saved): nothing was evaluated" in out
+    assert not (workdir / "results.json").exists() and not (workdir / "averaged").exists()
+    assert os.listdir(workdir / "checkpoints")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, message", [(signal.SIGTERM, "SIGTERM received"), (signal.SIGINT, "Ctrl-C (SIGINT)")])
 def test_sigterm_and_ctrl_c_save_a_checkpoint_and_the_run_resumes(tmp_path, signum, message):

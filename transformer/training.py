@@ -154,6 +154,7 @@ class _StopSignal:
 
     def __init__(self, max_seconds: float = 0.0, poll_every: int = 1):
         self.requested = False
+        self.signal = None  # "SIGTERM" or "Ctrl-C (SIGINT)" once one asked for the stop (not the budget)
         self._poll_every = poll_every  # multi-process: agree only every N steps (it costs a host sync)
         self._deadline = time.monotonic() + max_seconds if max_seconds else None
         self._previous = {}
@@ -168,6 +169,7 @@ class _StopSignal:
             self.restore()
             raise KeyboardInterrupt("second Ctrl-C: exiting without a checkpoint")
         name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C (SIGINT)"
+        self.signal = self.signal or name
         logging.warning("%s received: saving a checkpoint and stopping%s.", name,
                         " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else "")
         self.requested = True
@@ -180,7 +182,11 @@ class _StopSignal:
             return self.requested
         if step % self._poll_every:
             return False
-        return bool(np.any(multihost_utils.process_allgather(np.asarray(self.requested))))
+        # [processes, 2]: who asked for a stop, and who was sent a signal (which all must know alike).
+        asked = np.asarray(multihost_utils.process_allgather(np.asarray([self.requested, self.signal is not None])))
+        if asked[:, 1].any() and self.signal is None:
+            self.signal = "a signal to another process"
+        return bool(asked[:, 0].any())
 
     def restore(self):
         for signum, previous in self._previous.items():
@@ -215,6 +221,9 @@ def evaluate(trainer: Trainer, params, batches) -> dict:
 
 def train_and_evaluate(config, workdir: str, *, restart_data: bool = False) -> dict:
     """Trains `config` (a ConfigDict) in `workdir`, resuming from its newest intact checkpoint; returns the final metrics.
+
+    A SIGTERM (preemption) or Ctrl-C saves a checkpoint and returns early, with "interrupted_by" in
+    the metrics naming the signal; the wall-clock budget (`max_train_minutes`) returns early without it.
 
     Refuses a workdir that another trainer holds, or whose checkpoints hold another model, before
     writing anything into it. A checkpoint without a readable input-pipeline position is an error
@@ -317,6 +326,8 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
                 ckpt.save(step, state, train_iter.get_state(),
                           metrics=None if eval_metrics is None else {f"eval_{k}": v for k, v in eval_metrics.items()})
             if stop:
+                if stop_signal.signal is not None:
+                    last["interrupted_by"] = stop_signal.signal
                 break
     finally:
         ckpt.close()
