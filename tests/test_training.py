@@ -242,6 +242,50 @@ def test_a_killed_process_ends_its_peer_within_the_heartbeat_timeout(tmp_path):
     assert procs[0].returncode != 0 and waited < 90, (procs[0].returncode, waited)
 
 
+def test_fitted_steps_are_what_the_time_left_allows_at_the_measured_rate():
+    # 2 steps/s for 100 s, less the 3% margin: 194 more; rounded down to the log interval.
+    assert training.fitted_steps(600, 2.0, 100.0, configured=5400, multiple=50) == 750
+    assert training.fitted_steps(600, 2.0, 1e6, configured=5400, multiple=50) == 5400  # never more than configured
+    assert training.fitted_steps(600, 2.0, 0.0, configured=5400, multiple=50) == 601  # out of time: one more step
+
+
+@pytest.mark.slow  # three short runs (~30 s)
+def test_fit_steps_to_budget_gives_the_schedule_of_a_run_configured_with_the_fitted_count(tmp_path, monkeypatch):
+    """At the end of the warmup the run takes the step count the budget allows (here, as if it allowed
+    40 of 400) and trains exactly as a run configured with 40 steps from the start; a resume reads the
+    recorded count and measures nothing again."""
+    def config(steps, fit=True):
+        config = small_config(steps)
+        config.optimizer.update(schedule="cosine", warmup_steps=20)
+        config.update(max_train_minutes=60.0, fit_steps_to_budget=fit)
+        return config
+
+    asked = []
+
+    def fitted_steps(step, steps_per_second, seconds_left, configured, multiple):
+        asked.append((step, configured, multiple))
+        assert steps_per_second > 0 and 0 < seconds_left <= 3600
+        return 40
+
+    monkeypatch.setattr(training, "fitted_steps", fitted_steps)
+    fitted, straight = str(tmp_path / "fitted"), str(tmp_path / "straight")
+    training.train_and_evaluate(config(400), fitted)
+    assert asked == [(20, 400, 2)]  # measured over steps 10-20, the end of the warmup
+    with open(os.path.join(fitted, training.FITTED_STEPS_FILE)) as f:
+        record = json.load(f)
+    assert (record["configured_steps"], record["num_train_steps"], record["at_step"]) == (400, 40, 20)
+    training.train_and_evaluate(config(40, fit=False), straight)
+    expected, _, _ = final_params(straight, config(40, fit=False))
+    actual, _, step = final_params(fitted, config(400))
+    assert step == 40
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), actual, expected)
+    rates = [[(r["step"], r["train/learning_rate"]) for r in read_metrics(w) if "train/learning_rate" in r]
+             for w in (fitted, straight)]
+    assert rates[0] == rates[1] and rates[0][-1][0] == 40 and rates[0][-1][1] < 0.01 * max(lr for _, lr in rates[0])
+    training.train_and_evaluate(config(400), fitted)  # resumed: the recorded 40 steps are done
+    assert len(asked) == 1 and final_params(fitted, config(400))[2] == 40
+
+
 def test_a_signal_stops_training_with_a_checkpoint_and_says_so(tmp_path, monkeypatch):
     """SIGTERM mid-run: a checkpoint at that step, and "interrupted_by" in the returned metrics, which
     experiments.reproduce_multi30k reads to end without evaluating; the time budget's stop does not set it."""

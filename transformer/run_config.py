@@ -33,6 +33,7 @@ BATCHINGS = ("pad", "bucket", "pack", "stream")  # "stream": lm only, consecutiv
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # SentencePiece model types
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
+FIT_MIN_WARMUP = 20  # fit_steps_to_budget: warmup steps the step rate is measured over (the first 10 excluded)
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,7 @@ class TrainConfig:
     dropout: bool  # False: train deterministically (tests, debugging)
     num_train_steps: int
     max_train_minutes: float  # 0 = no time budget
+    fit_steps_to_budget: bool  # shorten num_train_steps at the end of the warmup to what the budget allows
     log_every: int
     eval_every: int
     prng_impl: str  # jax_default_prng_impl; "" = JAX's default
@@ -210,6 +212,7 @@ class _Reader:
 
     def train_config(self, config: Mapping) -> TrainConfig:
         f = self.section(config, "")
+        f.setdefault("fit_steps_to_budget", False)  # absent from the config.json of older runs
         objective = self.take(f, "objective", str, choices=OBJECTIVES)
         data = self.data(self.section(config, "data"), objective)
         top = dict(
@@ -217,6 +220,7 @@ class _Reader:
             label_smoothing=self.take(f, "label_smoothing", float), dropout=self.take(f, "dropout", bool),
             num_train_steps=self.take(f, "num_train_steps", int),
             max_train_minutes=self.take(f, "max_train_minutes", float, required=False) or 0.0,
+            fit_steps_to_budget=bool(self.take(f, "fit_steps_to_budget", bool, required=False)),
             log_every=self.take(f, "log_every", int), eval_every=self.take(f, "eval_every", int),
             prng_impl=self.take(f, "prng_impl", str, required=False, choices=PRNG_IMPLS) or "",
             peak_flops_per_device=self.take(f, "peak_flops_per_device", float, required=False) or 0.0)
@@ -242,6 +246,12 @@ class _Reader:
             self.done(decode, "decode")
         f.pop("decode", None)
         optimizer = self.optimizer(self.section(config, "optimizer"), top["num_train_steps"])
+        if top["fit_steps_to_budget"]:
+            reads_total = "total_steps" in schedules.config_fields(optimizer.schedule)
+            if not top["max_train_minutes"] or not reads_total or (optimizer.warmup_steps or 0) < FIT_MIN_WARMUP:
+                self.fail("fit_steps_to_budget", "needs max_train_minutes > 0 and a schedule that reads "
+                          f"num_train_steps with a warmup of at least {FIT_MIN_WARMUP} steps (the step rate is "
+                          "measured during the warmup), e.g. optimizer.schedule='cosine'", True)
         model = self.model(self.section(config, "model"), objective, model_vocab_size(objective, data.vocab_size))
         top["eval_memory_length"] = self.memory(f, model, data, optimizer)
         run = TrainConfig(**top, model=model, data=data, optimizer=optimizer,

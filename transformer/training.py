@@ -12,7 +12,9 @@ The experiment's ConfigDict becomes a validated `TrainConfig` at this boundary
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import os
 import signal
 import time
@@ -188,10 +190,45 @@ class _StopSignal:
             self.signal = "a signal to another process"
         return bool(asked[:, 0].any())
 
+    def seconds_left(self) -> float:
+        """Seconds until the wall-clock budget ends the run (infinite without one)."""
+        return float("inf") if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
+
     def restore(self):
         for signum, previous in self._previous.items():
             signal.signal(signum, previous)
         self._previous = {}
+
+
+FITTED_STEPS_FILE = "fitted_steps.json"  # in the workdir: fit_steps_to_budget's decision, kept for resumes
+_FIT_MARGIN = 0.97  # of the time left when the steps are fitted: for the evaluations and checkpoints to come
+
+
+def fitted_steps(step: int, steps_per_second: float, seconds_left: float, configured: int, multiple: int) -> int:
+    """The updates a wall-clock budget allows (`fit_steps_to_budget`): `step` done, plus what
+    `seconds_left` holds at the measured rate less a margin; at most `configured`, and rounded down
+    to a `multiple` (the log interval) when fewer."""
+    reachable = step + int(steps_per_second * seconds_left * _FIT_MARGIN)
+    if reachable >= configured:
+        return configured
+    return max(reachable // multiple * multiple, step + 1)
+
+
+def _with_fitted_steps(run: TrainConfig, workdir: str) -> tuple[TrainConfig, bool]:
+    """(`run` with the num_train_steps an earlier invocation fitted to the budget, whether it did).
+
+    A record made for another configured num_train_steps is ignored (the config changed). Process 0
+    reads it and all processes take its answer."""
+    if not run.fit_steps_to_budget:
+        return run, False
+    total, path = -1, os.path.join(workdir, FITTED_STEPS_FILE)
+    if jax.process_index() == 0 and os.path.exists(path):
+        with open(path) as f:
+            record = json.load(f)
+        if record.get("configured_steps") == run.num_train_steps:
+            total = int(record["num_train_steps"])
+    total = int(multihost_utils.broadcast_one_to_all(np.asarray(total, np.int32)))
+    return (run, False) if total < 0 else (dataclasses.replace(run, num_train_steps=total), True)
 
 
 def _summarise(sums: dict) -> dict:
@@ -240,6 +277,8 @@ def train_and_evaluate(config, workdir: str, *, restart_data: bool = False) -> d
 
 def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dict:
     is_main = jax.process_index() == 0
+    configured_steps = run.num_train_steps
+    run, fitted_before = _with_fitted_steps(run, workdir)
     inputs = inputs_lib.make_inputs(run, workdir)
     model_cfg = run.model_config(inputs.vocab_size)
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
@@ -284,6 +323,15 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
                                                        max_input_length=run.data.max_length,
                                                        sharding=trainer.batch_sharding)
     stop_signal = _StopSignal(60.0 * run.max_train_minutes, poll_every=run.log_every)
+    # fit_steps_to_budget: the step rate is measured from 10 steps in (compiled, warm) to the end of the
+    # warmup, where the learning rate does not yet depend on num_train_steps; the fitted count then
+    # gives the same schedule as a run configured with it from the start.
+    fit_at = run.optimizer.warmup_steps if run.fit_steps_to_budget and not fitted_before else None
+    fit_from = step + 10
+    if fit_at is not None and fit_from >= fit_at:
+        logging.warning("fit_steps_to_budget: resumed at step %d, too late to measure the step rate before the end "
+                        "of the warmup (step %d); training the configured %d steps.", step, fit_at, total_steps)
+        fit_at = None
     last = dict()
     window_sums, window_start, window_steps = None, time.perf_counter(), 0
     try:
@@ -325,6 +373,26 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
                     raise TrainingDiverged(_diverged(step, "a parameter", ckpt, run))
                 ckpt.save(step, state, train_iter.get_state(),
                           metrics=None if eval_metrics is None else {f"eval_{k}": v for k, v in eval_metrics.items()})
+            # --- fit the step count to the budget (once, at the end of the warmup)
+            if fit_at is not None and step == fit_from:
+                jax.block_until_ready(state.step)
+                fit_from_time = time.perf_counter()
+            if fit_at is not None and step == fit_at and not stop:
+                jax.block_until_ready(state.step)
+                rate = (step - fit_from) / (time.perf_counter() - fit_from_time)
+                total = fitted_steps(step, rate, stop_signal.seconds_left(), total_steps, run.log_every)
+                total = int(multihost_utils.broadcast_one_to_all(np.asarray(total, np.int32)))
+                if is_main:
+                    with open(os.path.join(workdir, FITTED_STEPS_FILE), "w") as f:
+                        json.dump(dict(configured_steps=configured_steps, num_train_steps=total, at_step=step,
+                                       steps_per_minute=60.0 * rate, minutes_left=stop_signal.seconds_left() / 60), f)
+                if total < total_steps:
+                    logging.warning("fit_steps_to_budget: %.1f steps/min leave time for %d of the %d steps in the "
+                                    "budget; the schedule now ends at step %d.", 60.0 * rate, total, total_steps, total)
+                    run = dataclasses.replace(run, num_train_steps=total)
+                    trainer = Trainer(run, model_cfg, mesh)  # the same state; a step with the shorter schedule
+                    total_steps = progress.total_steps = total
+                fit_at = None
             if stop:
                 if stop_signal.signal is not None:
                     last["interrupted_by"] = stop_signal.signal

@@ -74,6 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.dropout = True  # False: train deterministically (tests, debugging)
     config.num_train_steps = 100_000
     config.max_train_minutes = 0.0  # > 0: stop (and checkpoint) once training has run this long
+    # With a budget and a schedule that reads num_train_steps (cosine): at the end of the warmup, train
+    # only the steps the budget allows at the measured rate, so the schedule still anneals to its end.
+    config.fit_steps_to_budget = False
     config.log_every = 100
     config.eval_every = 1000
     config.prng_impl = ""  # jax_default_prng_impl: "" = JAX's default (threefry); "unsafe_rbg" is cheaper
