@@ -111,8 +111,8 @@ def test_preset_means_its_preset_with_overrides_on_top():
     ("copy", None, "data.task", None, "must be set"),
     ("multi30k", "paper", "data.tokenizer", "wordpiece", "is not one of"),
     ("copy", None, "mesh.data", 0, "must be positive, or -1"),
-    ("copy", None, "fit_steps_to_budget", True, "needs max_train_minutes > 0"),  # no budget, inverse_sqrt
     ("multi30k", "full", "fit_steps_to_budget", True, "a schedule that reads num_train_steps"),  # cosine_cycles
+    ("multi30k", "hour", "optimizer.warmup_steps", 10, "a warmup of at least 20 steps"),  # fit_steps_to_budget
 ])
 def test_a_leaf_that_cannot_apply_is_rejected_by_name(name, arg, path, value, message):
     config = load(name, arg)

@@ -120,7 +120,7 @@ class TrainConfig:
     dropout: bool  # False: train deterministically (tests, debugging)
     num_train_steps: int
     max_train_minutes: float  # 0 = no time budget
-    fit_steps_to_budget: bool  # shorten num_train_steps at the end of the warmup to what the budget allows
+    fit_steps_to_budget: bool  # with max_train_minutes: at the end of the warmup, only the steps the budget allows
     log_every: int
     eval_every: int
     prng_impl: str  # jax_default_prng_impl; "" = JAX's default
@@ -246,12 +246,12 @@ class _Reader:
             self.done(decode, "decode")
         f.pop("decode", None)
         optimizer = self.optimizer(self.section(config, "optimizer"), top["num_train_steps"])
-        if top["fit_steps_to_budget"]:
+        if top["fit_steps_to_budget"] and top["max_train_minutes"]:  # without a budget there is nothing to fit
             reads_total = "total_steps" in schedules.config_fields(optimizer.schedule)
-            if not top["max_train_minutes"] or not reads_total or (optimizer.warmup_steps or 0) < FIT_MIN_WARMUP:
-                self.fail("fit_steps_to_budget", "needs max_train_minutes > 0 and a schedule that reads "
-                          f"num_train_steps with a warmup of at least {FIT_MIN_WARMUP} steps (the step rate is "
-                          "measured during the warmup), e.g. optimizer.schedule='cosine'", True)
+            if not reads_total or (optimizer.warmup_steps or 0) < FIT_MIN_WARMUP:
+                self.fail("fit_steps_to_budget", "needs a schedule that reads num_train_steps, with a warmup of at "
+                          f"least {FIT_MIN_WARMUP} steps (the step rate is measured during the warmup), e.g. "
+                          "optimizer.schedule='cosine'; or max_train_minutes=0 (no budget to fit)", True)
         model = self.model(self.section(config, "model"), objective, model_vocab_size(objective, data.vocab_size))
         top["eval_memory_length"] = self.memory(f, model, data, optimizer)
         run = TrainConfig(**top, model=model, data=data, optimizer=optimizer,

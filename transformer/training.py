@@ -326,7 +326,8 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
     # fit_steps_to_budget: the step rate is measured from 10 steps in (compiled, warm) to the end of the
     # warmup, where the learning rate does not yet depend on num_train_steps; the fitted count then
     # gives the same schedule as a run configured with it from the start.
-    fit_at = run.optimizer.warmup_steps if run.fit_steps_to_budget and not fitted_before else None
+    fitting = run.fit_steps_to_budget and run.max_train_minutes > 0 and not fitted_before
+    fit_at = run.optimizer.warmup_steps if fitting else None
     fit_from = step + 10
     if fit_at is not None and fit_from >= fit_at:
         logging.warning("fit_steps_to_budget: resumed at step %d, too late to measure the step rate before the end "
