@@ -14,7 +14,7 @@ import pytest
 
 from experiments.configs import copy as copy_config
 from experiments.configs import lm_synthetic, mlm_synthetic
-from transformer import checkpointing, sharding, training
+from transformer import checkpointing, schedules, sharding, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -204,6 +204,41 @@ def test_two_processes_train_together(tmp_path):
     params, data_state, step = final_params(workdir, config)
     assert step == 6 and data_state == {"step": 6}
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+@pytest.mark.slow
+def test_two_processes_fit_their_steps_to_the_budget_alike(tmp_path):
+    """fit_steps_to_budget across two processes: they take one fitted count (process 0's), train to
+    it, and the cosine anneals there; a 1-minute budget over a 100,000-step config."""
+    workdir = str(tmp_path / "run")
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+           "JAX_NUM_PROCESSES": "2"}
+    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=100000",
+             "--config.max_train_minutes=1", "--config.fit_steps_to_budget=True", "--config.optimizer.schedule=cosine",
+             "--config.optimizer.warmup_steps=20", "--config.log_every=5", "--config.eval_every=100000",
+             "--config.checkpoint.every=100000", "--config.model.num_layers=1", "--alsologtostderr"]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, **env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    with open(os.path.join(workdir, training.FITTED_STEPS_FILE)) as f:
+        record = json.load(f)
+    assert record["at_step"] == 20 and 20 < record["num_train_steps"] < 100000, record
+    eval_lines = [[line for line in err.splitlines() if "eval {" in line][-1] for _, err in outputs]
+    assert eval_lines[0].split("eval ")[1] == eval_lines[1].split("eval ")[1]
+    config = copy_config.get_config()
+    config.model.num_layers = 1
+    _, _, step = final_params(workdir, config)
+    assert step <= record["num_train_steps"]  # the budget itself may still stop a run that slowed down
+    # Every logged learning rate (that of update `step - 1`) is the cosine's over the fitted count.
+    schedule = schedules.cosine_schedule(config.optimizer.learning_rate, 20, record["num_train_steps"])
+    rates = [(r["step"], r["train/learning_rate"]) for r in read_metrics(workdir) if "train/learning_rate" in r]
+    assert rates[-1][0] == step and len(rates) > 8
+    np.testing.assert_allclose([lr for _, lr in rates], [float(schedule(s - 1)) for s, _ in rates], rtol=1e-5,
+                               atol=1e-8)
 
 
 @pytest.mark.slow
