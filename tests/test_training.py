@@ -179,24 +179,35 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_together(tmp_path):
-    """Two processes x 4 CPU devices on 127.0.0.1 (gloo collectives) train one model."""
-    workdir = str(tmp_path / "run")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
-           "JAX_NUM_PROCESSES": "2"}
-    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=6",
-             "--config.log_every=3", "--config.eval_every=6", "--config.model.num_layers=1",
-             "--config.mesh.data=4", "--config.mesh.fsdp=2", "--alsologtostderr"]
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def two_process_env(devices_per_process: int) -> dict:
+    """Environment for two processes on 127.0.0.1 with CPU collectives over gloo (add JAX_PROCESS_ID)."""
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "JAX_PLATFORMS": "cpu",
+            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
+            "JAX_NUM_PROCESSES": "2"}
+
+
+def train_in_two_processes(flags, devices_per_process: int) -> list[str]:
+    """`experiments.train` with `flags` in two processes; both must succeed. Returns their stderr,
+    asserting that both logged the same last evaluation."""
+    env = two_process_env(devices_per_process)
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags, "--alsologtostderr"], cwd=REPO,
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env={**os.environ, **env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
     eval_lines = [[line for line in err.splitlines() if "eval {" in line][-1] for _, err in outputs]
     assert eval_lines[0].split("eval ")[1] == eval_lines[1].split("eval ")[1]  # both saw the same loss
+    return [err for _, err in outputs]
+
+
+@pytest.mark.slow
+def test_two_processes_train_together(tmp_path):
+    """Two processes x 4 CPU devices on 127.0.0.1 (gloo collectives) train one model."""
+    workdir = str(tmp_path / "run")
+    train_in_two_processes(["--config=experiments/configs/copy.py", f"--workdir={workdir}",
+                            "--config.num_train_steps=6", "--config.log_every=3", "--config.eval_every=6",
+                            "--config.model.num_layers=1", "--config.mesh.data=4", "--config.mesh.fsdp=2"], 4)
     records = read_metrics(workdir)
     assert [r["step"] for r in records if "train/loss" in r] == [3, 6]  # written once, by process 0
     config = copy_config.get_config()
@@ -211,24 +222,15 @@ def test_two_processes_fit_their_steps_to_the_budget_alike(tmp_path):
     """fit_steps_to_budget across two processes: they take one fitted count (process 0's), train to
     it, and the cosine anneals there; a 1-minute budget over a 100,000-step config."""
     workdir = str(tmp_path / "run")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
-           "JAX_NUM_PROCESSES": "2"}
-    flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=100000",
-             "--config.max_train_minutes=1", "--config.fit_steps_to_budget=True", "--config.optimizer.schedule=cosine",
-             "--config.optimizer.warmup_steps=20", "--config.log_every=5", "--config.eval_every=100000",
-             "--config.checkpoint.every=100000", "--config.model.num_layers=1", "--alsologtostderr"]
-    procs = [subprocess.Popen([sys.executable, "-m", "experiments.train", *flags], cwd=REPO, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              env={**os.environ, **env, "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
+    train_in_two_processes(["--config=experiments/configs/copy.py", f"--workdir={workdir}",
+                            "--config.num_train_steps=100000", "--config.max_train_minutes=1",
+                            "--config.fit_steps_to_budget=True", "--config.optimizer.schedule=cosine",
+                            "--config.optimizer.warmup_steps=20", "--config.log_every=5",
+                            "--config.eval_every=100000", "--config.checkpoint.every=100000",
+                            "--config.model.num_layers=1"], 2)
     with open(os.path.join(workdir, training.FITTED_STEPS_FILE)) as f:
         record = json.load(f)
     assert record["at_step"] == 20 and 20 < record["num_train_steps"] < 100000, record
-    eval_lines = [[line for line in err.splitlines() if "eval {" in line][-1] for _, err in outputs]
-    assert eval_lines[0].split("eval ")[1] == eval_lines[1].split("eval ")[1]
     config = copy_config.get_config()
     config.model.num_layers = 1
     _, _, step = final_params(workdir, config)
@@ -245,9 +247,7 @@ def test_two_processes_fit_their_steps_to_the_budget_alike(tmp_path):
 def test_a_killed_process_ends_its_peer_within_the_heartbeat_timeout(tmp_path):
     """kill -9 of one of two processes: the survivor stops with an error, bounded by --heartbeat_timeout_seconds."""
     workdir = str(tmp_path / "run")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
-           "JAX_NUM_PROCESSES": "2"}
+    env = two_process_env(4)
     flags = ["--config=experiments/configs/copy.py", f"--workdir={workdir}", "--config.num_train_steps=1000000",
              "--config.log_every=5", "--config.eval_every=1000000", "--config.checkpoint.every=1000000",
              "--config.model.num_layers=1", "--config.mesh.data=4", "--config.mesh.fsdp=2",
