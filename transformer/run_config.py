@@ -33,7 +33,10 @@ BATCHINGS = ("pad", "bucket", "pack", "stream")  # "stream": lm only, consecutiv
 TOKENIZER_TYPES = ("unigram", "bpe", "char")  # SentencePiece model types
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
 CYCLE_FIELDS = ("cycle_steps", "cycle_lr_scales", "cycle_warmup_steps")
-FIT_MIN_WARMUP = 20  # fit_steps_to_budget: warmup steps the step rate is measured over (the first 10 excluded)
+# fit_steps_to_budget: the step rate is measured from FIT_SKIP_STEPS into the run (compiled, warm) to the
+# end of the warmup, which must be at least FIT_MIN_WARMUP steps long.
+FIT_SKIP_STEPS = 10
+FIT_MIN_WARMUP = 20
 
 
 class ConfigError(ValueError):

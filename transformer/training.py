@@ -30,7 +30,7 @@ from transformer import (checkpointing, evaluation, inputs as inputs_lib, metric
                          tokens, tpu, workdir as workdir_lib)
 from transformer.config import ModelConfig
 from transformer.data import pipeline as data_pipeline
-from transformer.run_config import TrainConfig, as_train_config
+from transformer.run_config import FIT_SKIP_STEPS, TrainConfig, as_train_config
 from transformer.steps import MODELS, MemoryTrainState, TrainState, eval_step, stream_eval_step, train_step
 
 __all__ = ["Trainer", "TrainState", "TrainingDiverged", "evaluate", "model_config", "train_and_evaluate"]
@@ -323,12 +323,12 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
                                                        max_input_length=run.data.max_length,
                                                        sharding=trainer.batch_sharding)
     stop_signal = _StopSignal(60.0 * run.max_train_minutes, poll_every=run.log_every)
-    # fit_steps_to_budget: the step rate is measured from 10 steps in (compiled, warm) to the end of the
+    # fit_steps_to_budget: the step rate is measured from FIT_SKIP_STEPS in (compiled, warm) to the end of the
     # warmup, where the learning rate does not yet depend on num_train_steps; the fitted count then
     # gives the same schedule as a run configured with it from the start.
     fitting = run.fit_steps_to_budget and run.max_train_minutes > 0 and not fitted_before
     fit_at = run.optimizer.warmup_steps if fitting else None
-    fit_from = step + 10
+    fit_from = step + FIT_SKIP_STEPS
     if fit_at is not None and fit_from >= fit_at:
         logging.warning("fit_steps_to_budget: resumed at step %d, too late to measure the step rate before the end "
                         "of the warmup (step %d); training the configured %d steps.", step, fit_at, total_steps)
