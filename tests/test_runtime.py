@@ -1,0 +1,57 @@
+"""runtime.keep_freed_host_memory: a large block freed by one step is reused by the next, not faulted in again."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from transformer import runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# In a fresh interpreter: import the entry points' package (which keeps freed memory unless told not
+# to), then allocate, touch and free a 64 MiB block five times from a second thread, as XLA's CPU
+# backend does with its scratch space; print the minor page faults of the last four rounds.
+_PROBE = """
+import ctypes, resource, threading
+import experiments
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def step():
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)  # touch every page
+    libc.free(block)
+
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    thread = threading.Thread(target=step)
+    thread.start()
+    thread.join()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sum(faults[1:]))
+"""
+
+
+def _faults(keep: str) -> int:
+    env = {**os.environ, runtime.KEEP_HOST_MEMORY_ENV: keep}
+    result = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_freed_blocks_are_reused_instead_of_faulted_in_again():
+    pages = (64 << 20) // 4096  # 16,384 pages of 4 KiB a round
+    assert _faults("0") > 3 * pages  # the control: glibc maps and unmaps the block every round
+    assert _faults("1") < pages // 4  # kept: the rounds after the first reuse the heap
+
+
+def test_turned_off_by_its_variable(monkeypatch):
+    monkeypatch.setenv(runtime.KEEP_HOST_MEMORY_ENV, "0")
+    assert runtime.keep_freed_host_memory() is False
