@@ -38,7 +38,7 @@ print(sum(faults[1:]))
 
 
 def _faults(keep: str) -> int:
-    env = {**os.environ, runtime.KEEP_HOST_MEMORY_ENV: keep}
+    env = {**os.environ, runtime.KEEP_HOST_MEMORY_ENV: keep, "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -54,4 +54,15 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 def test_turned_off_by_its_variable(monkeypatch):
     monkeypatch.setenv(runtime.KEEP_HOST_MEMORY_ENV, "0")
+    assert runtime.keep_freed_host_memory() is False
+
+
+@pytest.mark.parametrize("platforms,cpu_only", [("cpu", True), ("cpu,", True), ("tpu", False), ("cuda,cpu", False)])
+def test_cpu_only_host_reads_jax_platforms(monkeypatch, platforms, cpu_only):
+    monkeypatch.setenv("JAX_PLATFORMS", platforms)
+    assert runtime.cpu_only_host() is cpu_only
+
+
+def test_an_accelerator_host_is_left_alone(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     assert runtime.keep_freed_host_memory() is False

@@ -6,6 +6,7 @@ Call `initialize` first thing in a `main`, before anything touches a JAX device.
 from __future__ import annotations
 
 import ctypes
+import glob
 import os
 import sys
 
@@ -46,10 +47,20 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 KEEP_HOST_MEMORY_ENV = "TRANSFORMER_KEEP_HOST_MEMORY"
 
 
+def cpu_only_host() -> bool:
+    """Whether JAX will compute on this host's CPU: JAX_PLATFORMS names only "cpu", or, unset, no
+    TPU, NVIDIA or AMD GPU device file is present. Decided without starting a JAX backend."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return {p.strip() for p in platforms.split(",") if p.strip()} == {"cpu"}
+    return not any(glob.glob(pattern) for pattern in ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*",
+                                                       "/dev/kfd"))
+
+
 def keep_freed_host_memory() -> bool:
-    """Has glibc's malloc keep the host memory a step frees, for the next step, instead of handing
-    it back to the kernel and taking it again (True if set; False off glibc, or with
-    TRANSFORMER_KEEP_HOST_MEMORY=0).
+    """On a CPU-only Linux host, has glibc's malloc keep the memory a train step frees for the next
+    step, instead of handing it back to the kernel and taking it again. True if set; False on a host
+    with an accelerator, off glibc, or with TRANSFORMER_KEEP_HOST_MEMORY=0.
 
     XLA's CPU backend allocates each execution's scratch space as one block (~380 MiB for a
     Multi30k train step) from a thread of its pool. glibc serves a block that large from a fresh
@@ -57,10 +68,13 @@ def keep_freed_host_memory() -> bool:
     block anew: ~200 ms of system time per ~550 ms step on 2 cores. With one malloc arena, no
     `mmap` for allocations and no trimming, the block comes from the heap and stays there. The cost:
     the process keeps its peak heap until it exits, as TensorFlow's and PyTorch's recommended
-    allocators (tcmalloc, jemalloc) also do. Call it before JAX starts its threads (the first use of
-    a device); threads that already have an arena keep it.
+    allocators (tcmalloc, jemalloc) also do, and all threads share one arena, which a many-core
+    accelerator host feeding its devices from many input threads should not (hence CPU-only). Call
+    it before JAX starts its threads (the first use of a device): threads that already have an
+    arena keep it.
     """
-    if os.environ.get(KEEP_HOST_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux"):
+    if (os.environ.get(KEEP_HOST_MEMORY_ENV, "1") == "0" or not sys.platform.startswith("linux")
+            or not cpu_only_host()):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
