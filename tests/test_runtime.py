@@ -33,7 +33,8 @@ for _ in range(5):
     thread.start()
     thread.join()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sum(faults[1:]))
+from transformer import runtime
+print(runtime.host_memory_kept(), sum(faults[1:]))
 """
 
 
@@ -42,7 +43,9 @@ def _faults(keep: str) -> int:
     result = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    return int(result.stdout.split()[-1])
+    kept, faults = result.stdout.split()[-2:]
+    assert kept == str(keep == "1")
+    return int(faults)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")

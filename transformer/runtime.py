@@ -45,6 +45,7 @@ def initialize(prng_impl: str = "", *, distributed: bool = False, heartbeat_time
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 KEEP_HOST_MEMORY_ENV = "TRANSFORMER_KEEP_HOST_MEMORY"
+_host_memory_kept = False
 
 
 def cpu_only_host() -> bool:
@@ -82,7 +83,14 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
-    return all([mallopt(param, value) == 1 for param, value in settings])
+    global _host_memory_kept
+    _host_memory_kept = all([mallopt(param, value) == 1 for param, value in settings])
+    return _host_memory_kept
+
+
+def host_memory_kept() -> bool:
+    """Whether `keep_freed_host_memory` took effect in this process (benchmarks print it)."""
+    return _host_memory_kept
 
 
 def use_prng_impl(prng_impl: str) -> None:

@@ -244,7 +244,8 @@ def main(argv):
     print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
           f"{jax.config.jax_default_prng_impl}; {_DTYPE.value} matmul peak: "
-          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f})")
+          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f}); freed host memory kept "
+          f"(all sides): {'yes' if runtime.host_memory_kept() else 'no'}")
     peers = {"torch": Torch} | ({"flax_wmt": FlaxWMT} if _FLAX_WMT.value else {})
     header = ["shape", "params ours / " + " / ".join(peers), "ours tok/s"]
     for peer in peers:
