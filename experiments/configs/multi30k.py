@@ -103,6 +103,8 @@ def get_config(variant: str = "full"):
         # by the budget itself).
         packed_small_updates()
         config.model.dtype = "bfloat16"
+        # Chosen on val (2026-11-30, 6,400 steps each): 0.3 underfits (val perplexity 4.78, BLEU 40.26),
+        # 0.15 overfits (4.85, though BLEU 41.47), 0.2 gives 4.70 and 41.16.
         config.model.dropout_rate = 0.2
         config.optimizer.schedule = "cosine"
         config.optimizer.warmup_steps = 600
