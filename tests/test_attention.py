@@ -93,12 +93,14 @@ def test_gradients_match_reference(implementation):
         np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("num_kv_heads, with_mask", [(4, True), (2, True), (1, True), (2, False)])
-def test_fused_without_bias_on_cpu_has_its_own_gradient_and_matches(num_kv_heads, with_mask):
+@pytest.mark.parametrize("num_kv_heads, with_mask, batch", [(4, True, 2), (2, True, 2), (1, True, 2), (2, False, 2),
+                                                            (2, True, 6), (1, False, 6)])
+def test_fused_without_bias_on_cpu_has_its_own_gradient_and_matches(num_kv_heads, with_mask, batch):
     """On CPU, "fused" without a bias is `_softmax_attention` (a custom VJP, the jaxpr shows it):
     values against NumPy, gradients against autodiff of the reference kernel, float32 and bfloat16,
-    fully masked rows included."""
-    q, k, v, mask, _ = make_inputs(seed=5, num_kv_heads=num_kv_heads)
+    fully masked rows included. Batch 6 takes the head-major copies' split path
+    (`precision.copying_transpose`), batch 2 the plain transposes."""
+    q, k, v, mask, _ = make_inputs(seed=5, batch=batch, num_kv_heads=num_kv_heads)
     mask = mask if with_mask else None
     jaxpr = str(jax.make_jaxpr(functools.partial(attention.dot_product_attention, implementation="fused"))(
         q, k, v, mask))
