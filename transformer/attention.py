@@ -198,8 +198,9 @@ def _softmax_attention(query, key, value, mask):
     The products run head-major: queries, keys and values are copied to [B, K, (G,) T, H] first,
     and the key and value gradients read transposed copies of the [T, S] arrays, so that every
     product is a plain batched [M, K] @ [K, N] or [M, K] @ [N, K]^T, the forms XLA's CPU kernels
-    run fast (1.6x the whole call at [64, 64, 4, 32] in bfloat16, 2026-11-30, against the same
-    products on [B, T, K, H] operands, which XLA lays out itself).
+    run fast (1.39x the whole call at [64, 64, 4, 32] in bfloat16, 2026-11-30, against the same
+    products on [B, T, K, H] operands, which XLA lays out itself). The copies are
+    `precision.copying_transpose`: XLA would fold a plain transpose back into the product.
     """
     batch, q_len, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
@@ -209,10 +210,6 @@ def _softmax_attention(query, key, value, mask):
     return out.reshape(batch, q_len, num_heads, head_dim)
 
 
-def _transposed(x, perm):
-    return precision.copying_transpose(x, perm)  # a real copy: XLA would fold a plain one into the product
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _softmax_attention_vjp(scale, query, key, value, mask):
     return _softmax_attention_forward(scale, query, key, value, mask)[0]
@@ -220,8 +217,9 @@ def _softmax_attention_vjp(scale, query, key, value, mask):
 
 def _softmax_attention_forward(scale, query, key, value, mask):
     dtype = query.dtype
-    query = _transposed(query, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
-    key, value = _transposed(key, (0, 2, 1, 3)), _transposed(value, (0, 2, 1, 3))  # [B, K, S, H]
+    query = precision.copying_transpose(query, (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    key = precision.copying_transpose(key, (0, 2, 1, 3))  # [B, K, S, H]
+    value = precision.copying_transpose(value, (0, 2, 1, 3))
     # logits, weights: [B, K, G, T, S]; the softmax in float32, the weights kept in `dtype`.
     logits = jnp.einsum("BKGTH,BKSH->BKGTS", query, key, preferred_element_type=jnp.float32) * scale
     if mask is not None:
@@ -232,24 +230,27 @@ def _softmax_attention_forward(scale, query, key, value, mask):
     total = jnp.sum(exp, axis=-1, keepdims=True)
     weights = (exp / jnp.where(total > 0.0, total, 1.0)).astype(dtype)
     out = jnp.einsum("BKGTS,BKSH->BKGTH", weights, value, preferred_element_type=jnp.float32).astype(dtype)
-    return _transposed(out, (0, 3, 1, 2, 4)), (query, key, value, weights, out)  # [B, T, K, G, H]
+    return precision.copying_transpose(out, (0, 3, 1, 2, 4)), (query, key, value, weights, out)  # [B, T, K, G, H]
 
 
 def _softmax_attention_backward(scale, residuals, grad):
     query, key, value, weights, out = residuals  # head-major: [B, K, G, T, H], [B, K, S, H] x 2, [B, K, G, T, S]
     dtype = query.dtype
-    grad = _transposed(grad.astype(dtype), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
+    grad = precision.copying_transpose(grad.astype(dtype), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
     d_weights = jnp.einsum("BKGTH,BKSH->BKGTS", grad, value, preferred_element_type=jnp.float32)
     # d logits = w * (dw - sum_s w dw), and sum_s w dw = sum_h dout * out: [B, K, G, T, 1].
     row = jnp.sum(grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
     d_logits = (weights.astype(jnp.float32) * (d_weights - row)).astype(dtype)
     d_query = jnp.einsum("BKGTS,BKSH->BKGTH", d_logits, key, preferred_element_type=jnp.float32) * scale
     # The key and value gradients sum over (G, T): from [B, K, S, G, T] copies, plain products.
-    d_logits_t, weights_t = _transposed(d_logits, (0, 1, 4, 2, 3)), _transposed(weights, (0, 1, 4, 2, 3))
+    d_logits_t = precision.copying_transpose(d_logits, (0, 1, 4, 2, 3))
+    weights_t = precision.copying_transpose(weights, (0, 1, 4, 2, 3))
     d_key = jnp.einsum("BKSGT,BKGTH->BKSH", d_logits_t, query, preferred_element_type=jnp.float32) * scale
     d_value = jnp.einsum("BKSGT,BKGTH->BKSH", weights_t, grad, preferred_element_type=jnp.float32)
-    return (_transposed(d_query.astype(dtype), (0, 3, 1, 2, 4)), _transposed(d_key.astype(dtype), (0, 2, 1, 3)),
-            _transposed(d_value.astype(dtype), (0, 2, 1, 3)), None)
+    d_query = precision.copying_transpose(d_query.astype(dtype), (0, 3, 1, 2, 4))  # back to [B, T, K, G, H]
+    d_key = precision.copying_transpose(d_key.astype(key.dtype), (0, 2, 1, 3))  # [B, S, K, H]
+    d_value = precision.copying_transpose(d_value.astype(value.dtype), (0, 2, 1, 3))
+    return d_query, d_key, d_value, None
 
 
 _softmax_attention_vjp.defvjp(_softmax_attention_forward, _softmax_attention_backward)
