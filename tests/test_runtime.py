@@ -11,19 +11,22 @@ from transformer import runtime
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # In a fresh interpreter: import the entry points' package (which keeps freed memory unless told not
-# to), then allocate, touch and free a 64 MiB block five times from a second thread, as XLA's CPU
-# backend does with its scratch space; print the minor page faults of the last four rounds.
+# to), then allocate, touch and free a block of argv[1] bytes five times from a second thread, as
+# XLA's CPU backend does with its scratch space; print the minor page faults of the last four rounds.
 _PROBE = """
-import ctypes, resource, threading
+import ctypes, resource, sys, threading
 import experiments
+
+size = int(sys.argv[1])
 
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
 
 def step():
-    block = libc.malloc(64 << 20)
-    ctypes.memset(block, 1, 64 << 20)  # touch every page
+    block = libc.malloc(size)
+    ctypes.memset(block, 1, size)  # touch every page
     libc.free(block)
 
 faults = []
@@ -38,10 +41,10 @@ print(runtime.host_memory_kept(), sum(faults[1:]))
 """
 
 
-def _faults(keep: str) -> int:
+def _faults(keep: str, size: int) -> int:
     env = {**os.environ, runtime.KEEP_HOST_MEMORY_ENV: keep, "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", _PROBE], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", _PROBE, str(size)], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     kept, faults = result.stdout.split()[-2:]
     assert kept == str(keep == "1")
@@ -51,8 +54,17 @@ def _faults(keep: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     pages = (64 << 20) // 4096  # 16,384 pages of 4 KiB a round
-    assert _faults("0") > 3 * pages  # the control: glibc maps and unmaps the block every round
-    assert _faults("1") < pages // 4  # kept: the rounds after the first reuse the heap
+    assert _faults("0", 64 << 20) > 3 * pages  # the control: glibc maps and unmaps the block every round
+    assert _faults("1", 64 << 20) < pages // 4  # kept: the rounds after the first reuse the heap
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+def test_blocks_over_2_gib_are_kept_too():
+    # A base-sized step at a 32k vocabulary frees more than 2 GiB at the top of the heap; a trim
+    # threshold of 2**31 - 1 (the largest positive int mallopt takes) handed it back every step.
+    size = (9 << 30) // 4  # 2.25 GiB
+    pages = size // 4096
+    assert _faults("1", size) < pages // 4
 
 
 def test_turned_off_by_its_variable(monkeypatch):
