@@ -9,6 +9,7 @@ import pytest
 from transformer import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+glibc_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
 
 # In a fresh interpreter: import the entry points' package (which keeps freed memory unless told not
 # to), then allocate, touch and free a block of argv[1] bytes five times from a second thread, as
@@ -51,14 +52,14 @@ def _faults(keep: str, size: int) -> int:
     return int(faults)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+@glibc_only
 def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     pages = (64 << 20) // 4096  # 16,384 pages of 4 KiB a round
     assert _faults("0", 64 << 20) > 3 * pages  # the control: glibc maps and unmaps the block every round
     assert _faults("1", 64 << 20) < pages // 4  # kept: the rounds after the first reuse the heap
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux only")
+@glibc_only
 def test_blocks_over_2_gib_are_kept_too():
     # A base-sized step at a 32k vocabulary frees more than 2 GiB at the top of the heap; a trim
     # threshold of 2**31 - 1 (the largest positive int mallopt takes) handed it back every step.
