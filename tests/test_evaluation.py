@@ -119,6 +119,7 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
     first = scorer.score("test", beam_size=2, alpha=scores["alpha"], tag="first")
     second = scorer.score("test", beam_size=2, alpha=1.0, tag="second")
     assert passes == ["evaluate"]  # the teacher-forced pass ran once for both
+    assert list(scorer._translators) == [2]  # and one Translator (its compiled searches) decoded both alphas
     assert first["bleu"] == pytest.approx(scores["bleu"]) and first["perplexity"] == pytest.approx(scores["perplexity"])
     assert second["alpha"] == 1.0 and second["perplexity"] == first["perplexity"]
     assert os.path.exists(os.path.join(workdir, "eval", "test.averaged.second.json"))
@@ -141,11 +142,12 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
     """Recompile guard: a whole test set traces the decoder once per padded length, never per batch."""
     import transformer as tfm
 
-    traces = []
+    traces, alphas = [], []
     real = evaluation.decoding.translate
 
     def counting(model, params, inputs, **kwargs):
         traces.append(inputs.shape)  # runs only while JAX traces
+        jax.debug.callback(lambda a: alphas.append(float(a)), kwargs["alpha"])  # runs at every call
         return real(model, params, inputs, **kwargs)
 
     monkeypatch.setattr(evaluation.decoding, "translate", counting)
@@ -165,3 +167,10 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
     assert {shape[1] for shape in traces} == batch_lengths  # one trace per bucket, none twice
     translator(params, sentences[::-1])  # another pass over the same lengths compiles nothing
     assert len(traces) == len(batch_lengths)
+    # Nor does another length penalty (a search on val): alpha is an argument of the compiled search.
+    strong = translator(params, sentences, alpha=3.0)
+    assert len(traces) == len(batch_lengths)
+    assert strong == evaluation.Translator(model, CharTokenizer(), beam_size=2, batch_size=4, max_input_length=32,
+                                           max_extra_length=4, alpha=3.0)(params, sentences)
+    # Each batch was searched with the alpha asked for: 2 passes at the default, then 2 at 3.0.
+    assert np.allclose(alphas, [0.6] * 30 + [3.0] * 30)

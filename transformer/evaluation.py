@@ -47,9 +47,12 @@ class Translator:
                          multiple, batch_size)
         self.max_input_length = max_input_length
         self.sharding = sharding
+        self.alpha = alpha
+        # alpha is an argument of the compiled search, not a constant in it: decoding with another length
+        # penalty (a search on val) reuses each input length's compiled program.
         self._translate = jax.jit(functools.partial(
-            decoding.translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, alpha=alpha,
-            max_extra_length=max_extra_length, penalty=length_penalty))
+            _translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, max_extra_length=max_extra_length,
+            penalty=length_penalty))
 
     @classmethod
     def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None, **overrides) -> "Translator":
@@ -67,8 +70,10 @@ class Translator:
             ids = ids[: self.max_input_length - 1]
         return ids + [self.tokenizer.eos_id]
 
-    def __call__(self, params, sentences: Sequence[str]) -> list[str]:
-        """Translations of `sentences`, in order; an empty (or blank) sentence translates to ''."""
+    def __call__(self, params, sentences: Sequence[str], alpha: float | None = None) -> list[str]:
+        """Translations of `sentences`, in order, with length penalty `alpha` (None: this translator's);
+        an empty (or blank) sentence translates to ''."""
+        alpha = jnp.float32(self.alpha if alpha is None else alpha)
         encoded = [self.encode(s) if s.strip() else None for s in sentences]
         order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
         outputs = [""] * len(sentences)
@@ -80,10 +85,14 @@ class Translator:
                 batch[r, :len(encoded[i])] = encoded[i]
             batch[len(rows):, 0] = self.tokenizer.eos_id  # filler rows: an empty sentence
             inputs = jnp.asarray(batch) if self.sharding is None else jax.device_put(batch, self.sharding)
-            tokens = np.asarray(jax.device_get(self._translate(params, inputs)))
+            tokens = np.asarray(jax.device_get(self._translate(params, inputs, alpha)))
             for r, i in enumerate(rows):
                 outputs[i] = self.tokenizer.decode(tokens[r].tolist())
         return outputs
+
+
+def _translate(model, params, inputs, alpha, **settings):
+    return decoding.translate(model, params, inputs, alpha=alpha, **settings)
 
 
 def batch_shards(sharding) -> int:
@@ -94,10 +103,12 @@ def batch_shards(sharding) -> int:
     return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
-def evaluate_translations(translator: Translator, params, sources: Sequence[str], references: Sequence[str]) -> dict:
-    """Translates `sources` and scores them: cased and lowercased sacreBLEU, throughput."""
+def evaluate_translations(translator: Translator, params, sources: Sequence[str], references: Sequence[str],
+                          alpha: float | None = None) -> dict:
+    """Translates `sources` (length penalty `alpha`; None: the translator's) and scores them: cased and
+    lowercased sacreBLEU, throughput."""
     start = time.perf_counter()
-    hypotheses = translator(params, sources)
+    hypotheses = translator(params, sources, alpha)
     seconds = time.perf_counter() - start
     cased, signature = bleu(hypotheses, references)
     lowercased, lc_signature = bleu(hypotheses, references, lowercase=True)

@@ -104,6 +104,7 @@ class SplitScorer:
                 "translation run on real data.")
         self.workdir, self.checkpoint = workdir, checkpoint
         self._splits = {}  # split -> (inputs, teacher-forced loss)
+        self._translators = {}  # beam size -> Translator: its compiled searches serve every alpha
 
     def _split(self, split: str):
         if split not in self._splits:
@@ -117,15 +118,18 @@ class SplitScorer:
         `alpha` (None: the run's). Writes <workdir>/eval/<split>.<checkpoint>[.<tag>].txt (the
         translations) and .json (the scores)."""
         split_inputs, loss = self._split(split)
-        translator = evaluation.Translator.from_config(
-            self.trainer.model, self.tokenizer, self.run.decode, max_input_length=self.run.data.max_length,
-            sharding=self.trainer.batch_sharding, beam_size=beam_size, alpha=alpha)
+        beam_size = beam_size or self.run.decode.beam_size
+        if beam_size not in self._translators:
+            self._translators[beam_size] = evaluation.Translator.from_config(
+                self.trainer.model, self.tokenizer, self.run.decode, max_input_length=self.run.data.max_length,
+                sharding=self.trainer.batch_sharding, beam_size=beam_size)
         sources, references = split_inputs.eval_texts
         with self.trainer.context():
-            scores = evaluation.evaluate_translations(translator, self.params, sources, references)
+            scores = evaluation.evaluate_translations(self._translators[beam_size], self.params, sources, references,
+                                                      alpha)
         hypotheses = scores.pop("hypotheses")
         result = dict(split=split, checkpoint=self.checkpoint, step=self.step,
-                      beam_size=beam_size or self.run.decode.beam_size,
+                      beam_size=beam_size,
                       alpha=self.run.decode.alpha if alpha is None else alpha,
                       **scores, perplexity=loss["perplexity"], loss=loss["loss"])
         if jax.process_index() == 0:
