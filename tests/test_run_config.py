@@ -124,7 +124,7 @@ def test_a_leaf_that_cannot_apply_is_rejected_by_name(name, arg, path, value, me
 
 
 def test_fit_steps_to_budget_needs_a_warmup_to_measure_over_unless_there_is_no_budget():
-    config = load("multi30k", "hour")  # fit_steps_to_budget, a 55-minute budget, a cosine
+    config = load("multi30k", "hour")  # fit_steps_to_budget, a 53-minute budget, a cosine
     config.optimizer.warmup_steps = 10
     with pytest.raises(ValueError, match="config.fit_steps_to_budget.*a warmup of at least 20 steps"):
         TrainConfig.from_dict(config)
