@@ -20,3 +20,14 @@ def test_step_parts_prints_every_part():
     assert parts == ["step (donated)", "step, no donate", "grads only", "adam only", "host -> device",
                      "accumulate 2", "previous kernels"]
     assert all(float(row.split(" | ")[1].replace(",", "")) > 0 for row in rows[2:])
+
+
+def test_products_prints_each_product_of_the_step():
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmarks.products", "--shapes=multi30k",
+                             "--dtype=bfloat16", "--rounds=1", "--repeats=1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| multi30k")]
+    assert [row[1] for row in rows] == ["projection", "ffn in", "ffn out", "vocab block", "weight grad", "square"]
+    assert rows[3][2] == "`tk,kn->tn` [256, 128] [128, 8000]"  # the output projection's block at the vocabulary
+    assert all(float(row[3].replace(",", "")) > 0 and float(row[4].replace(",", "")) > 0 for row in rows)
