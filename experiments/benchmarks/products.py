@@ -102,5 +102,6 @@ def main(argv):
             print(f"| {shape} | {name} | {operands} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |",
                   flush=True)
 
+
 if __name__ == "__main__":
     cli.run(main)

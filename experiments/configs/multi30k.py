@@ -95,7 +95,7 @@ def get_config(variant: str = "full"):
 
     if variant == "hour":
         # Sized for 60 minutes on a quiet 2-core CPU, everything included: one cosine cycle that
-        # anneals to zero over as many updates as a 53-minute budget holds (~6,000-7,200, ~60-70
+        # anneals to zero over as many updates as a 53-minute budget holds (~6,000-7,650, ~60-75
         # epochs), bfloat16 compute (float32 weights; ~1.5x the float32 step rate on CPUs with AMX or
         # AVX-512 BF16), then averaging and beam search on val and test. A short run needs less
         # dropout than the 170-epoch published one.
@@ -109,11 +109,11 @@ def get_config(variant: str = "full"):
         # The step count is the budget's (`fit_steps_to_budget`): at the end of the warmup the run
         # measures its rate, whole loop included (input pipeline, evaluations, checkpoints), and trains
         # the updates the rest of the budget holds, at most num_train_steps, so that the cosine
-        # anneals to zero wherever it runs: ~7,200 at the ~140 a minute of a 2-core Xeon with AMX,
-        # ~6,000 at the ~120 of a 2-core Zen 4, ~4,700 at 90. (Until 2026-12-01: 6,400 updates at
-        # most in 55 minutes, which the Xeon trained in 46-48.) Val lowercased BLEU rose with the
-        # steps: 40.42 at 5,000, 41.02 and 41.15 at 5,400 (2026-11-30). Averaging plus beam search on
-        # val (four length penalties, one compiled search) and test take ~2-3 minutes more.
+        # anneals to zero wherever it runs: 7,650 at the 149 a minute of a 2-core Xeon with AMX
+        # (2026-12-01), ~6,000 at the ~120 of a 2-core Zen 4, ~4,700 at 90. (Until 2026-12-01: 6,400
+        # updates at most in 55 minutes, which the Xeon trained in 46-48; val lowercased BLEU 40.83
+        # there, 41.85 with the budget's 7,650.) Averaging plus beam search on val (four length
+        # penalties, one compiled search) and test take ~2.5 minutes more.
         config.num_train_steps = 8000
         config.max_train_minutes = 53.0
         config.fit_steps_to_budget = True
