@@ -51,8 +51,8 @@ class Translator:
         # alpha is an argument of the compiled search, not a constant in it: decoding with another length
         # penalty (a search on val) reuses each input length's compiled program.
         self._translate = jax.jit(functools.partial(
-            _translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size, max_extra_length=max_extra_length,
-            penalty=length_penalty))
+            decoding.translate, model, eos_id=tokenizer.eos_id, beam_size=beam_size,
+            max_extra_length=max_extra_length, penalty=length_penalty))
 
     @classmethod
     def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None, **overrides) -> "Translator":
@@ -85,14 +85,10 @@ class Translator:
                 batch[r, :len(encoded[i])] = encoded[i]
             batch[len(rows):, 0] = self.tokenizer.eos_id  # filler rows: an empty sentence
             inputs = jnp.asarray(batch) if self.sharding is None else jax.device_put(batch, self.sharding)
-            tokens = np.asarray(jax.device_get(self._translate(params, inputs, alpha)))
+            tokens = np.asarray(jax.device_get(self._translate(params, inputs, alpha=alpha)))
             for r, i in enumerate(rows):
                 outputs[i] = self.tokenizer.decode(tokens[r].tolist())
         return outputs
-
-
-def _translate(model, params, inputs, alpha, **settings):
-    return decoding.translate(model, params, inputs, alpha=alpha, **settings)
 
 
 def batch_shards(sharding) -> int:

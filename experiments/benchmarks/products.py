@@ -18,7 +18,6 @@ XLA_FLAGS apply to the JAX side, so one flag's effect on the kernels is a second
 """
 
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -56,14 +55,7 @@ def flops(equation: str, left: tuple[int, int], right: tuple[int, int]) -> int:
 def best_seconds(fn, repeats: int, rounds: int) -> float:
     """Seconds per call of `fn()`, the best of `rounds` rounds of `repeats` calls (after one warm-up call)."""
     jax.block_until_ready(fn())
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(repeats):
-            out = fn()
-        jax.block_until_ready(out)
-        times.append(time.perf_counter() - start)
-    return min(times) / repeats
+    return min(compare.timed(fn, repeats) for _ in range(rounds))
 
 
 def jax_product(equation: str, left, right, dtype: str):
