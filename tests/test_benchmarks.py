@@ -18,7 +18,7 @@ def test_step_parts_prints_every_part():
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     parts = [row.split(" | ")[0].strip("| ") for row in rows[2:]]
     assert parts == ["step (donated)", "step, no donate", "grads only", "adam only", "host -> device",
-                     "accumulate 2", "previous kernels"]
+                     "accumulate 2", "previous kernels", "previous dropout"]
     assert all(float(row.split(" | ")[1].replace(",", "")) > 0 for row in rows[2:])
 
 

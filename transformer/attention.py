@@ -34,7 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import longformer, masking, positional, precision, reformer
+from transformer import dropout, longformer, masking, positional, precision, reformer, runtime
 from transformer.config import ATTENTION_KINDS
 
 IMPLEMENTATIONS = ATTENTION_KINDS  # the kernels of dot_product_attention, one per ModelConfig.attention
@@ -154,7 +154,7 @@ def _group_heads(x, num_kv_heads):
 
 
 def _dropout(rng, weights, rate):
-    keep = jax.random.bernoulli(rng, 1.0 - rate, weights.shape)
+    keep = dropout.bernoulli(rng, 1.0 - rate, weights.shape)
     return jnp.where(keep, weights / (1.0 - rate), 0.0)
 
 
@@ -390,13 +390,8 @@ def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PRE
 
 
 def _platform() -> str:
-    """The platform this trace is for: the devices' of the mesh in context (an AOT topology's
-    included), else the default backend's."""
-    mesh = jax.sharding.get_abstract_mesh()
-    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
-    if device is not None and device.platform:
-        return device.platform
-    return jax.default_backend()
+    """`runtime.trace_platform`, here so that a benchmark can patch the kernel choice alone."""
+    return runtime.trace_platform()
 
 
 def _on_tpu() -> bool:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from transformer import memory as memory_lib, precision
 from transformer.attention import MultiHeadAttention, dense_kernel
 from transformer.config import ModelConfig
+from transformer.dropout import Dropout
 
 _ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu}
 
@@ -147,7 +148,7 @@ def residual(cfg: ModelConfig, name: str, x, sublayer: Callable, deterministic: 
     (pre-norm) and passed as its second argument; only x gets the residual and the output.
     """
     norm = make_norm(cfg, name=f"{name}_norm")
-    dropout = nn.Dropout(cfg.dropout_rate, name=f"{name}_dropout")
+    dropout = Dropout(cfg.dropout_rate, name=f"{name}_dropout")
     if cfg.norm_position == "pre":
         out = sublayer(norm(x)) if memory is None else sublayer(norm(x), norm(memory))
         return x + dropout(out, deterministic=deterministic)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from transformer import masking, precision
+from transformer import dropout, masking, precision
 
 # As attention._MASKED (this module sits below attention.py, which imports it): a large finite
 # negative rather than -inf, so fully masked rows stay NaN-free.
@@ -60,8 +60,8 @@ def banded_attention(query, key, value, mask: masking.SegmentMask, *, dropout_ra
     if mask.global_tokens is not None and mask.max_global_tokens:
         glob = jnp.broadcast_to(masking.limit_global_tokens(mask.global_tokens, mask.max_global_tokens),
                                 (batch, length))
-    dropout = dropout_rate > 0.0 and dropout_rng is not None
-    local_rng, global_rng = jax.random.split(dropout_rng) if dropout else (None, None)
+    use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    local_rng, global_rng = jax.random.split(dropout_rng) if use_dropout else (None, None)
 
     # Local queries: their band, plus the global keys.
     layout = _Layout(length, mask.window, mask.dilation, mask.causal)
@@ -202,6 +202,6 @@ def _softmax(logits, mask, dropout_rate, dropout_rng):
     weights = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
     weights = jnp.where(mask, weights, 0.0)
     if dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        keep = dropout.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return weights

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from transformer import masking, memory as memory_lib, positional, precision, reformer
 from transformer.config import ModelConfig
+from transformer.dropout import Dropout
 from transformer.layers import DecoderLayer, Dense, EncoderLayer, make_norm
 from transformer.tokens import PAD_ID
 
@@ -78,7 +79,7 @@ def _add_absolute_positions(cfg: ModelConfig, x, positions, deterministic):
                              "of the learned position table: raise max_len or shorten the input.")
         x = x + positional.LearnedPositionEmbedding(cfg.max_len, cfg.d_model, name="position_embedding")(
             positions).astype(x.dtype)
-    x = nn.Dropout(cfg.dropout_rate, name="embedding_dropout")(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate, name="embedding_dropout")(x, deterministic=deterministic)
     return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer import masking, precision
+from transformer import dropout, masking, precision
 from transformer.config import ModelConfig
 
 SELF_LOGIT = -1e5  # a token's logit for itself: attended only when nothing else is (paper, Sec. 2; trax)
@@ -177,7 +177,7 @@ def _lsh_head(query_key, value, buckets, segments, dropout_rng, *, chunk, causal
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [R, C, M]
     weights = jnp.exp(logits - normaliser[..., None])
     if dropout_rate > 0.0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        keep = dropout.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     out = precision.einsum("RCMS,RCSH->RCMH", weights.astype(val.dtype), val, val.dtype, out_dtype=jnp.float32)
     # Back to positions: [R, T, Hv] and [R, T]; then the rounds, weighted by their normalisers.
@@ -314,7 +314,7 @@ class Sublayers(nn.Module):
                           decode=decode, static_kv=True)
         else:
             x = layers._feed_forward(cfg)(x)
-        return nn.Dropout(cfg.dropout_rate, name=f"{branch}_dropout")(x, deterministic=deterministic)
+        return dropout.Dropout(cfg.dropout_rate, name=f"{branch}_dropout")(x, deterministic=deterministic)
 
 
 class ReversibleStack(nn.Module):

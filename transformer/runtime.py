@@ -42,6 +42,16 @@ def initialize(prng_impl: str = "", *, distributed: bool = False, heartbeat_time
     logging.info("Process %d of %d; devices: %s", jax.process_index(), jax.process_count(), jax.devices())
 
 
+def trace_platform() -> str:
+    """The platform the computation being traced is for: the devices' of the mesh in context (an AOT
+    topology's included), else the default backend's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    if device is not None and device.platform:
+        return device.platform
+    return jax.default_backend()
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
 KEEP_HOST_MEMORY_ENV = "TRANSFORMER_KEEP_HOST_MEMORY"

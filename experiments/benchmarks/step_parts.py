@@ -14,7 +14,9 @@ process times, round after round (the median counts, so drift on a shared machin
   * accumulate k:    `optimizer.grad_accum_steps=k` (k micro-batches of B/k rows, the same update);
   * previous kernels: the step with flax's `nn.LayerNorm` and `jax.nn.dot_product_attention` (XLA's
                      own gradients) in place of `layers.layer_norm` and the CPU attention kernel
-                     with written-out gradients (`--previous_kernels`).
+                     with written-out gradients (`--previous_kernels`);
+  * previous dropout: the step with flax's `nn.Dropout` in place of `transformer.dropout.Dropout`
+                     (the same masks, drawn by JAX's CPU Threefry loop; `--previous_dropout`).
 """
 
 import contextlib
@@ -37,6 +39,8 @@ from transformer import attention, layers, models, steps, training
 _SHAPE = flags.DEFINE_enum("shape", "multi30k", list(SHAPES), "Which compare.py shape.")
 _PREVIOUS = flags.DEFINE_bool("previous_kernels", True,
                               "Also time the step with the kernels before 2026-11-30 (the docstring).")
+_FLAX_DROPOUT = flags.DEFINE_bool("previous_dropout", True, "Also time the step with flax's Dropout "
+                                  "(`previous dropout`), the masks from jax.random.bernoulli.")
 _ACCUM = flags.DEFINE_list("accumulate", ["2", "4"], "Gradient accumulation factors to time (besides 1).")
 # --dtype (default float32), --rounds and --steps are compare.py's flags (imported with its shapes).
 _DTYPE, _ROUNDS, _STEPS = compare._DTYPE, compare._ROUNDS, compare._STEPS
@@ -57,6 +61,14 @@ def previous_kernels():
 
     with mock.patch.object(layers, "make_norm", flax_norm), mock.patch.object(models, "make_norm", flax_norm), \
             mock.patch.object(attention, "_platform", lambda: "any"):
+        yield
+
+
+@contextlib.contextmanager
+def flax_dropout():
+    """Models built inside use flax's Dropout, whose masks come from jax.random.bernoulli (on CPU, a
+    rolled Threefry loop) rather than `transformer.dropout.bernoulli` (the same masks)."""
+    with mock.patch.object(layers, "Dropout", nn.Dropout), mock.patch.object(models, "Dropout", nn.Dropout):
         yield
 
 
@@ -121,17 +133,22 @@ def main(argv):
             return out
 
         parts[f"accumulate {k}"] = accumulated
-    if _PREVIOUS.value:
-        with previous_kernels():  # traced and compiled here, on the first call
-            previous = make_trainer(shape, dtype)
-            holder["previous"] = previous.init_state(0)
-            holder["previous"], _ = previous.train_step(holder["previous"], batch)
+    def patched_step(name, patch):
+        with patch:  # traced and compiled here, on the first call
+            other = make_trainer(shape, dtype)
+            holder[name] = other.init_state(0)
+            holder[name], _ = other.train_step(holder[name], batch)
 
-        def previous_step():
-            holder["previous"], out = previous.train_step(holder["previous"], batch)
+        def patched():
+            holder[name], out = other.train_step(holder[name], batch)
             return out
 
-        parts["previous kernels"] = previous_step
+        parts[name] = patched
+
+    if _PREVIOUS.value:
+        patched_step("previous kernels", previous_kernels())
+    if _FLAX_DROPOUT.value:
+        patched_step("previous dropout", flax_dropout())
     for fn in parts.values():  # compile and warm up
         fn()
         jax.block_until_ready(fn())
