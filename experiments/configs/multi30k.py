@@ -110,7 +110,8 @@ def get_config(variant: str = "full"):
         # measures its rate, whole loop included (input pipeline, evaluations, checkpoints), and trains
         # the updates the rest of the budget holds, at most num_train_steps, so that the cosine
         # anneals to zero wherever it runs: 7,650 at the 149 a minute of a 2-core Xeon with AMX
-        # (2026-12-01), ~6,000 at the ~120 of a 2-core Zen 4, ~4,700 at 90. (Until 2026-12-01: 6,400
+        # (2026-12-01), 9,050 at its 176 with the faster dropout masks (same day, later; val 41.77,
+        # test 39.74: no gain over 7,650), ~6,000 at the ~120 of a 2-core Zen 4, ~4,700 at 90. (Until 2026-12-01: 6,400
         # updates at most in 55 minutes, which the Xeon trained in 46-48; val lowercased BLEU 40.83
         # there, 41.85 with the budget's 7,650.) Averaging plus beam search on val (four length
         # penalties, one compiled search) and test take ~2.5 minutes more.
