@@ -153,11 +153,6 @@ def _group_heads(x, num_kv_heads):
     return x.reshape(x.shape[0], num_kv_heads, -1, *x.shape[2:])
 
 
-def _dropout(rng, weights, rate):
-    keep = dropout.bernoulli(rng, 1.0 - rate, weights.shape)
-    return jnp.where(keep, weights / (1.0 - rate), 0.0)
-
-
 def _reference_weights(query, key, mask, bias):
     """The reference kernel's softmax weights [B, K, G, T, S] float32: 0 on masked keys."""
     batch, q_len, num_heads, head_dim = query.shape
@@ -181,7 +176,7 @@ def _reference_attention(query, key, value, mask, bias, dropout_rate, dropout_rn
     batch, q_len, num_heads, head_dim = query.shape
     weights = _reference_weights(query, key, mask, bias)  # [B, K, G, T, S]
     if dropout_rate > 0.0:
-        weights = _dropout(dropout_rng, weights, dropout_rate)
+        weights = dropout.apply(dropout_rng, weights, dropout_rate)
     out = precision.einsum("BKGTS,BSKH->BTKGH", weights, value, value.dtype)
     return out.reshape(batch, q_len, num_heads, head_dim)
 
@@ -306,11 +301,11 @@ def _chunked_attention(query, key, value, mask, bias, dropout_rate, dropout_rng,
         logits = precision.einsum("BTKGH,BSKH->BKGTS", query, block["key"], query.dtype, out_dtype=jnp.float32)
         if "bias" in block:
             logits = logits + block["bias"]
-        dropout = None
+        drop = None
         if dropout_rate > 0.0:
             # Dropping unnormalised weights equals dropping normalised ones: the row scale is shared.
-            dropout = functools.partial(_dropout, jax.random.fold_in(dropout_rng, block["index"]), rate=dropout_rate)
-        return _online_softmax_block(carry, logits, block["mask"], block["value"], dropout), None
+            drop = functools.partial(dropout.apply, jax.random.fold_in(dropout_rng, block["index"]), rate=dropout_rate)
+        return _online_softmax_block(carry, logits, block["mask"], block["value"], drop), None
 
     (_, denominator, acc), _ = jax.lax.scan(step, _online_softmax_init(batch, num_kv_heads, groups, q_len, head_dim),
                                             xs)

@@ -91,6 +91,12 @@ def bernoulli(key, p: float, shape) -> jax.Array:
     return uniform < np.float32(p)
 
 
+def apply(rng, x, rate: float):
+    """x with each element zeroed with probability `rate` (< 1) and the rest scaled by 1 / (1 - rate)."""
+    keep = bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
 class Dropout(nn.Module):
     """`flax.linen.Dropout` (same arguments, same masks and values), its mask from `bernoulli`."""
 

@@ -202,6 +202,5 @@ def _softmax(logits, mask, dropout_rate, dropout_rng):
     weights = jax.nn.softmax(jnp.where(mask, logits, _MASKED), axis=-1)
     weights = jnp.where(mask, weights, 0.0)
     if dropout_rng is not None:
-        keep = dropout.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = dropout.apply(dropout_rng, weights, dropout_rate)
     return weights

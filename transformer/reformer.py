@@ -177,8 +177,7 @@ def _lsh_head(query_key, value, buckets, segments, dropout_rng, *, chunk, causal
     normaliser = jax.nn.logsumexp(logits, axis=-1)  # [R, C, M]
     weights = jnp.exp(logits - normaliser[..., None])
     if dropout_rate > 0.0:
-        keep = dropout.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+        weights = dropout.apply(dropout_rng, weights, dropout_rate)
     out = precision.einsum("RCMS,RCSH->RCMH", weights.astype(val.dtype), val, val.dtype, out_dtype=jnp.float32)
     # Back to positions: [R, T, Hv] and [R, T]; then the rounds, weighted by their normalisers.
     out = jnp.take_along_axis(out.reshape(num_hashes, length, -1), rank[..., None], axis=1)
