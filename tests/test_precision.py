@@ -87,3 +87,39 @@ def test_as_bits_round_trips_and_moves_16_bit_floats_as_integers(dtype):
     assert back.dtype == dtype
     np.testing.assert_array_equal(np.asarray(back[:2], np.float32), np.asarray(x[:2], np.float32))
     np.testing.assert_array_equal(np.asarray(back[2], np.float32), np.asarray(x[0], np.float32))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
+def test_add_bias_values_and_gradients_are_those_of_the_addition(shape, dtype):
+    y, probe = _operands(shape, shape)
+    y, probe = y.astype(dtype), probe.astype(dtype)
+    bias = jax.random.normal(jax.random.PRNGKey(2), shape[-1:])
+
+    def loss(y, b):
+        return jnp.sum((precision.add_bias(y, b) * probe).astype(jnp.float32))
+
+    out = precision.add_bias(y, bias)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, y + bias.astype(dtype))
+    gy, gb = jax.grad(loss, argnums=(0, 1))(y, bias)
+    assert gy.dtype == dtype and gb.dtype == jnp.float32
+    np.testing.assert_array_equal(gy, probe)
+    want = np.asarray(probe, np.float64).reshape(-1, shape[-1]).sum(0)
+    np.testing.assert_allclose(gb, want, rtol=1e-6, atol=1e-6)
+
+
+def test_add_bias_bfloat16_bias_gradient_accumulates_in_float32():
+    # 4,096 rows of 1 + 2^-7 cotangents (exact in bfloat16): a sum kept in bfloat16 stalls long
+    # before 4,128; float32 accumulation gets it exactly.
+    y = jnp.zeros((64, 64, 3), jnp.bfloat16)
+    bias = jnp.zeros((3,), jnp.float32)
+    probe = jnp.full(y.shape, 1 + 2**-7, jnp.bfloat16)
+
+    def loss(y, b):
+        return jnp.sum((precision.add_bias(y, b) * probe).astype(jnp.float32))
+
+    gy, gb = jax.grad(loss, argnums=(0, 1))(y, bias)
+    assert gy.dtype == jnp.bfloat16 and gb.dtype == jnp.float32
+    np.testing.assert_array_equal(gb, np.full(3, 4096 * (1 + 2**-7), np.float32))
+    assert precision.add_bias(y, bias).dtype == jnp.bfloat16

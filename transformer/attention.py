@@ -579,7 +579,7 @@ class MultiHeadAttention(nn.Module):
 
     def _project(self, equation, x, kernel, bias):
         y = precision.einsum(equation, x, kernel, self.dtype)
-        return y if bias is None else y + bias.astype(y.dtype)
+        return y if bias is None else precision.add_bias(y, bias)
 
     def _static_keys_values(self, inputs_kv, key_weights, value_weights):
         """Keys and values [B, S, K, H] of `inputs_kv`, projected when the cache is made (the first

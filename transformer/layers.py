@@ -57,7 +57,7 @@ def dense(module, name, x, features, axes, use_bias, *, bias_name=None):
     if use_bias:
         bias = module.param(bias_name or f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                             (features,))
-        y = y + bias.astype(x.dtype)
+        y = precision.add_bias(y, bias)
     return y
 
 
