@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -283,3 +284,26 @@ def test_splash_decoding_step_takes_the_reference_kernel():
     out = attention.dot_product_attention(q, k, v, step, implementation="splash")
     expected = attention.dot_product_attention(q, k, v, step.dense(1, 7), implementation="reference")
     np.testing.assert_allclose(out, expected, atol=1e-6)
+
+
+def test_bfloat16_projection_bias_gradients_match_float32():
+    """Biased projections in bfloat16 ([N, H] biases for Q/K/V, [D] for the output): the bias
+    gradients have the parameters' shapes and match float32's to bfloat16 precision."""
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(2, 6, 16)), jnp.float32)
+    params = attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, use_bias=True).init(
+        jax.random.key(0), x, x)["params"]
+    params = jax.tree.map(lambda p: p + 0.1, nn.unbox(params))  # non-zero biases
+
+    def grads(dtype):
+        module = attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2, use_bias=True, dtype=dtype)
+        return jax.grad(lambda p: jnp.sum(jnp.sin(module.apply({"params": p}, x, x).astype(jnp.float32))))(params)
+
+    want, got = grads(jnp.float32), grads(jnp.bfloat16)
+    biases = [k for k in params if "bias" in k or k.startswith("b_")]
+    assert biases, list(params)
+    # One scale for all: the key bias's true gradient is zero (softmax ignores a shift shared by
+    # every key), so bfloat16 leaves only rounding there.
+    scale = max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want))
+    for name in params:
+        assert got[name].dtype == jnp.float32 and got[name].shape == params[name].shape, name
+        np.testing.assert_allclose(got[name], want[name], atol=0.03 * scale, err_msg=name)

@@ -90,11 +90,11 @@ def test_as_bits_round_trips_and_moves_16_bit_floats_as_integers(dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("shape", [(5,), (3, 5), (2, 3, 5)])
-def test_add_bias_values_and_gradients_are_those_of_the_addition(shape, dtype):
+@pytest.mark.parametrize("shape,bias_ndim", [((5,), 1), ((3, 5), 1), ((2, 3, 5), 1), ((2, 3, 4, 5), 2)])
+def test_add_bias_values_and_gradients_are_those_of_the_addition(shape, bias_ndim, dtype):
     y, probe = _operands(shape, shape)
     y, probe = y.astype(dtype), probe.astype(dtype)
-    bias = jax.random.normal(jax.random.PRNGKey(2), shape[-1:])
+    bias = jax.random.normal(jax.random.PRNGKey(2), shape[len(shape) - bias_ndim:])  # [F] or [N, H]
 
     def loss(y, b):
         return jnp.sum((precision.add_bias(y, b) * probe).astype(jnp.float32))
@@ -105,7 +105,7 @@ def test_add_bias_values_and_gradients_are_those_of_the_addition(shape, dtype):
     gy, gb = jax.grad(loss, argnums=(0, 1))(y, bias)
     assert gy.dtype == dtype and gb.dtype == jnp.float32
     np.testing.assert_array_equal(gy, probe)
-    want = np.asarray(probe, np.float64).reshape(-1, shape[-1]).sum(0)
+    want = np.asarray(probe, np.float64).reshape(-1, *bias.shape).sum(0)
     np.testing.assert_allclose(gb, want, rtol=1e-6, atol=1e-6)
 
 

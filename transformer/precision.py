@@ -115,7 +115,8 @@ _mixed_einsum.defvjp(_forward, _backward)
 
 
 def add_bias(y, bias):
-    """y [..., F] + bias [F] (float32 parameters), in y's dtype; the bias gradient summed in float32.
+    """y [..., *F] + bias [*F] (float32 parameters; F one axis or several, as [N, H] for a projection to
+    heads), in y's dtype; the bias gradient summed in float32.
 
     JAX's own gradient of `y + bias.astype(y.dtype)` is a reduction of y's cotangent in y's dtype:
     in bfloat16 a sum of thousands of 16-bit terms kept in 16 bits, which stalls once the running
@@ -134,11 +135,12 @@ def _add_bias(y, bias):
 
 
 def _add_bias_forward(y, bias):
-    return _add_bias(y, bias), jnp.zeros((0,), bias.dtype)
+    return _add_bias(y, bias), jnp.zeros((0,) * bias.ndim, bias.dtype)  # the bias's rank and dtype
 
 
 def _add_bias_backward(bias_like, grad):
-    dbias = jnp.sum(grad.astype(jnp.float32), axis=tuple(range(grad.ndim - 1)))
+    leading = tuple(range(grad.ndim - bias_like.ndim))
+    dbias = jnp.sum(grad.astype(jnp.float32), axis=leading)
     return grad, dbias.astype(bias_like.dtype)
 
 
