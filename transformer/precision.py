@@ -122,9 +122,9 @@ def add_bias(y, bias):
     in bfloat16 a sum of thousands of 16-bit terms kept in 16 bits, which stalls once the running
     sum's spacing outgrows the terms (4,096 cotangents of 1 + 2^-7 sum to 2,048 in it). Here the
     cotangent is summed in float32, as every other parameter gradient of this package is. A float32
-    y takes the plain addition, whose gradient XLA can fuse with its neighbours.
+    (or wider) y takes the plain addition, whose gradient XLA can fuse with its neighbours.
     """
-    if jnp.dtype(y.dtype) == jnp.float32:
+    if jnp.dtype(y.dtype).itemsize >= 4:
         return y + bias.astype(y.dtype)
     return _add_bias(y, bias)
 
