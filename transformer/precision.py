@@ -124,14 +124,14 @@ def add_bias(y, bias):
     cotangent is summed in float32, as every other parameter gradient of this package is. A float32
     (or wider) y takes the plain addition, whose gradient XLA can fuse with its neighbours.
     """
-    if jnp.dtype(y.dtype).itemsize >= 4:
-        return y + bias.astype(y.dtype)
-    return _add_bias(y, bias)
+    return _plus(y, bias) if jnp.dtype(y.dtype).itemsize >= 4 else _add_bias(y, bias)
 
 
-@jax.custom_vjp
-def _add_bias(y, bias):
+def _plus(y, bias):
     return y + bias.astype(y.dtype)
+
+
+_add_bias = jax.custom_vjp(_plus)
 
 
 def _add_bias_forward(y, bias):
