@@ -70,6 +70,22 @@ def test_top_p_and_top_k_filters():
     np.testing.assert_array_equal(kept, [[True, True, True, False]])
 
 
+@pytest.mark.parametrize("n, k, chunk, levels", [(4000, 10, 64, 1000), (1001, 4, 16, 5), (5000, 10, 8, 2)])
+def test_chunked_top_k_equals_top_k_ties_included(n, k, chunk, levels):
+    # Few distinct values (2 at the end: every top-k is ties only), N not a multiple of the chunk,
+    # the largest values crowded into one chunk in some rows: values, indices and order must be top_k's.
+    rng = np.random.default_rng(n)
+    x = rng.integers(0, levels, (6, n)).astype(np.float32)
+    x[0, 128:128 + k] = levels  # all of the top k in one chunk
+    x[1, -1] = levels  # the largest in the last, partial chunk
+    x[2] = decoding.NEG_INF
+    x = jnp.asarray(x)
+    values, indices = jax.jit(decoding.chunked_top_k, static_argnums=(1, 2))(x, k, chunk)
+    expected_values, expected_indices = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(values, expected_values)
+    np.testing.assert_array_equal(indices, expected_indices)
+
+
 # ---------------------------------------------------------------------------------------------
 # On a real (randomly initialised) model.
 

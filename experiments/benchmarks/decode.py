@@ -12,10 +12,12 @@ equally good. Parameters are the run's ("averaged" checkpoint if there is one, e
 `--caches=live,whole` times decoding both ways in one run: "live" (ours) reads only the cache
 positions written so far in self-attention, and moves only those when beams are reordered;
 "whole" reads and moves the whole cache (source length + 50 positions) at every step, as before
-(and as the usual implementations do).
+(and as the usual implementations do). `--top_k=chunked,full` likewise times beam search's top-k
+over beam x vocabulary both ways: `decoding.chunked_top_k` (ours) and `jax.lax.top_k` over all of it.
 """
 
 import contextlib
+import itertools
 import os
 import time
 from unittest import mock
@@ -34,6 +36,8 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes (
 _BATCH = flags.DEFINE_integer("batch_size", None, "Sentences per batch (default: the run's decode.batch_size).")
 _CACHES = flags.DEFINE_list("caches", ["live"], "Cache positions each step reads and reorders: live (those "
                             "written so far) and/or whole (all of them, as before).")
+_TOP_K = flags.DEFINE_list("top_k", ["chunked"], "Beam search's top-k over beam x vocabulary: chunked "
+                           "(decoding.chunked_top_k) and/or full (jax.lax.top_k over all candidates, as before).")
 
 
 @contextlib.contextmanager
@@ -49,6 +53,13 @@ def whole_cache():
         yield
 
 
+@contextlib.contextmanager
+def full_top_k():
+    """Beam search's top-k as before: `jax.lax.top_k` over all beam x vocabulary candidates."""
+    with mock.patch.object(decoding, "chunked_top_k", lambda x, k: jax.lax.top_k(x, k)):
+        yield
+
+
 def timed_pass(translator, params, sources):
     start = time.perf_counter()
     hypotheses = translator(params, sources)
@@ -57,6 +68,10 @@ def timed_pass(translator, params, sources):
 
 def main(argv):
     del argv
+    for name, values, allowed in (("caches", _CACHES.value, ("live", "whole")),
+                                  ("top_k", _TOP_K.value, ("chunked", "full"))):
+        if set(values) - set(allowed):
+            raise cli.UserError(f"--{name}={','.join(values)}: use {' and/or '.join(allowed)}.")
     workdir = _WORKDIR.value
     checkpoint = "averaged" if os.path.isdir(os.path.join(workdir, "averaged")) else "latest"
     run, trainer, params, tokenizer, step = inference.load_for_inference(workdir, checkpoint)
@@ -65,22 +80,24 @@ def main(argv):
     sources, references = inputs.eval_inputs(run, tokenizer, _SPLIT.value).eval_texts
     print(f"{time.strftime('%Y-%m-%d')}: {workdir} ({checkpoint} step {step}), {_SPLIT.value}: {len(sources)} "
           f"sentences; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
-    print("| dtype | beam | cache | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| dtype | beam | cache | top-k | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in _DTYPES.value:
         model = EncoderDecoder(trainer.model.config.replace(dtype=dtype))
         for beam in (int(b) for b in _BEAMS.value):
-            for cache in _CACHES.value:
+            for cache, top_k in itertools.product(_CACHES.value, _TOP_K.value if beam > 1 else ["-"]):
                 translator = evaluation.Translator.from_config(
                     model, tokenizer, run.decode, max_input_length=run.data.max_length,
                     sharding=trainer.batch_sharding, beam_size=beam, batch_size=_BATCH.value)
-                with trainer.context(), whole_cache() if cache == "whole" else contextlib.nullcontext():
+                with (trainer.context(), whole_cache() if cache == "whole" else contextlib.nullcontext(),
+                      full_top_k() if top_k == "full" else contextlib.nullcontext()):
                     _, first = timed_pass(translator, params, sources)
                     hypotheses, second = timed_pass(translator, params, sources)
                 cased, _ = evaluation.bleu(hypotheses, references)
                 lowercased, _ = evaluation.bleu(hypotheses, references, lowercase=True)
-                print(f"| {dtype} | {beam} | {cache} | {translator.batch_size} | {len(sources) / second:.1f} | "
-                      f"{max(first - second, 0.0):.1f} | {lowercased:.2f} | {cased:.2f} |", flush=True)
+                print(f"| {dtype} | {beam} | {cache} | {top_k} | {translator.batch_size} | "
+                      f"{len(sources) / second:.1f} | {max(first - second, 0.0):.1f} | {lowercased:.2f} | "
+                      f"{cased:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
