@@ -68,6 +68,10 @@ def test_top_p_and_top_k_filters():
     np.testing.assert_array_equal(kept, [[True, True, False, False]])
     kept = decoding.filter_logits(logits, top_k=3) > decoding.NEG_INF
     np.testing.assert_array_equal(kept, [[True, True, True, False]])
+    # A vocabulary large enough for the chunked top-k: exactly the 20 largest logits of each row stay.
+    logits = jnp.asarray(np.random.default_rng(0).permuted(np.tile(np.arange(6000.0), (3, 1)), axis=1), jnp.float32)
+    kept = decoding.filter_logits(logits, top_k=20) > decoding.NEG_INF
+    np.testing.assert_array_equal(kept, logits >= 6000 - 20)
 
 
 @pytest.mark.parametrize("n, k, chunk, levels", [(4000, 10, 64, 1000), (1001, 4, 16, 5), (5000, 10, 8, 2)])
