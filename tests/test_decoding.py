@@ -194,18 +194,62 @@ def test_beam_scores_equal_full_forward_scores_of_their_tokens(translation_model
     np.testing.assert_allclose(whole_scores, scores, rtol=1e-6)
 
 
-def _beams(model, params, inputs, beam_size, max_extra):
+def test_beams_sharing_their_rows_encoder_keys_equal_beams_with_copies(translation_model):
+    # translate's way: one copy of the encoder's keys per row, the W beams attending as W queries;
+    # before (and as usual): the encoder's output repeated for each beam. Same search, same result.
+    model, params, inputs = translation_model
+    search = jax.jit(lambda p, x, shared: _beams(model, p, x, 3, 10, shared), static_argnums=2)
+    shared_tokens, shared_scores = search(params, inputs, True)
+    copied_tokens, copied_scores = search(params, inputs, False)
+    np.testing.assert_array_equal(shared_tokens, copied_tokens)
+    np.testing.assert_allclose(shared_scores, copied_scores, rtol=1e-5)
+    assert len(np.unique(np.asarray(shared_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering
+
+
+def test_decoding_step_attention_maps_of_shared_encoder_keys_are_per_beam(translation_model):
+    model, params, inputs = translation_model
+    beam_size, rows = 3, inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, method=model.encode)
-    encoded, beam_inputs = decoding.expand_beams(encoded, beam_size), decoding.expand_beams(inputs, beam_size)
-    max_length = inputs.shape[1] + max_extra
-    cache = decoding.init_cache(model, params, max_length, inputs.shape[0] * beam_size, encoded, beam_inputs)
-    step = decoding.encoder_decoder_step_fn(model, params, encoded, beam_inputs)
+    tokens = jnp.arange(2, 2 + rows * beam_size)[:, None]  # a different token in each beam
+
+    def maps(encoded, inputs):
+        cache = decoding.init_cache(model, params, 4, rows * beam_size, encoded, inputs)
+        logits, variables = model.apply({"params": params, "cache": cache}, encoded, inputs, tokens, decode=True,
+                                        method=model.decode, mutable=["cache", "intermediates"])
+        weights = [w for path, w in jax.tree_util.tree_flatten_with_path(variables["intermediates"])[0]
+                   if "cross_attention" in jax.tree_util.keystr(path)]
+        return logits, weights
+
+    shared_logits, shared_maps = maps(encoded, inputs)
+    copied_logits, copied_maps = maps(decoding.expand_beams(encoded, beam_size),
+                                      decoding.expand_beams(inputs, beam_size))
+    np.testing.assert_allclose(shared_logits, copied_logits, rtol=1e-5, atol=1e-6)
+    assert len(shared_maps) == model.config.num_decoder_layers
+    for shared, copied in zip(shared_maps, copied_maps):
+        assert shared.shape == copied.shape == (rows * beam_size, model.config.num_heads, 1, inputs.shape[1])
+        np.testing.assert_allclose(shared, copied, rtol=1e-5, atol=1e-7)
+
+
+def test_beam_rows_must_be_whole_multiples_of_the_encoder_rows(translation_model):
+    model, params, inputs = translation_model
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    with pytest.raises(ValueError, match="query rows must be the key rows or W beams"):
+        decoding.init_cache(model, params, 4, 5, encoded, inputs)
+
+
+def _beams(model, params, inputs, beam_size, max_extra, shared_encoder_keys=True):
+    rows, max_length = inputs.shape[0], inputs.shape[1] + max_extra
+    encoded = model.apply({"params": params}, inputs, method=model.encode)
+    if not shared_encoder_keys:
+        encoded, inputs = decoding.expand_beams(encoded, beam_size), decoding.expand_beams(inputs, beam_size)
+    cache = decoding.init_cache(model, params, max_length, rows * beam_size, encoded, inputs)
+    step = decoding.encoder_decoder_step_fn(model, params, encoded, inputs)
 
     def no_pad_step(tokens, cache):  # a random model emits PAD; a trained one would not
         logits, cache = step(tokens, cache)
         return logits.at[:, 0].set(decoding.NEG_INF), cache
 
-    return decoding.beam_search(no_pad_step, cache, inputs.shape[0], beam_size, max_length, EOS, 0.6)
+    return decoding.beam_search(no_pad_step, cache, rows, beam_size, max_length, EOS, 0.6)
 
 
 @pytest.fixture(scope="module")

@@ -541,6 +541,14 @@ class MultiHeadAttention(nn.Module):
         key = nn.with_logical_constraint(key, ("batch", "length", "kv_heads", "head_dim"))
         value = nn.with_logical_constraint(value, ("batch", "length", "kv_heads", "head_dim"))
 
+        beams = 1
+        if static_kv and key.shape[0] != query.shape[0]:
+            # Beam search: each row's W beams attend to the row's one copy of the encoder's keys
+            # (cached once per row, not per beam), as W queries of that row.
+            beams = _beams_per_row(query.shape[0], key.shape[0])
+            query = _fold_beams(query, beams)
+            mask, bias = _row_mask(mask, "mask", key.shape[0]), _row_mask(bias, "bias", key.shape[0])
+
         kv_length = None
         if decode:
             key, value = self._update_cache(key, value, decode_index)
@@ -566,8 +574,14 @@ class MultiHeadAttention(nn.Module):
         if self.is_mutable_collection("intermediates") and not lsh:
             # Attention maps, only when the caller asks for them (`apply(..., mutable=["intermediates"])`):
             # otherwise nothing here is traced and the model compiles exactly as without this branch.
-            self.sow("intermediates", "attention_weights",
-                     attention_weights(query, key, mask, bias, kv_length=kv_length))  # [B, N, T, S]
+            weights = attention_weights(query, key, mask, bias, kv_length=kv_length)  # [B, N, T, S]
+            if beams > 1:  # [B, N, W * T, S] -> [B * W, N, T, S]
+                rows, heads, _, keys = weights.shape
+                weights = weights.reshape(rows, heads, beams, -1, keys).swapaxes(1, 2).reshape(
+                    rows * beams, heads, -1, keys)
+            self.sow("intermediates", "attention_weights", weights)
+        if beams > 1:
+            out = out.reshape(out.shape[0] * beams, -1, *out.shape[2:])  # [B, W * T, N, H] -> [B * W, T, N, H]
         out = self._project("BTNH,NHD->BTD", out, w_o, b_o)
         return nn.with_logical_constraint(out, ("batch", "length", "embed"))
 
@@ -608,6 +622,34 @@ class MultiHeadAttention(nn.Module):
         for cached, new in ((cached_key, key), (cached_value, value)):
             cached.value = jax.lax.dynamic_update_slice(cached.value, precision.as_bits(new), start)
         return precision.from_bits(cached_key.value, key.dtype), precision.from_bits(cached_value.value, value.dtype)
+
+
+def _beams_per_row(query_rows: int, key_rows: int) -> int:
+    if query_rows % key_rows:
+        raise ValueError(f"encoder-decoder attention with {query_rows} query rows and {key_rows} rows of encoder "
+                         "keys: the query rows must be the key rows or W beams of each (beam-major within a row, "
+                         "as decoding.expand_beams makes them).")
+    return query_rows // key_rows
+
+
+def _fold_beams(x, beams: int):
+    """[B * W, T, ...] -> [B, W * T, ...]: a row's beams as more queries of that row."""
+    return x.reshape(x.shape[0] // beams, beams * x.shape[1], *x.shape[2:])
+
+
+def _row_mask(x, name: str, rows: int):
+    """A mask or bias for beams folded into queries (`_fold_beams`): it must be the same for all
+    queries of a row, i.e. [B or 1, N or 1, 1, S] or a SegmentMask of key segments only."""
+    if x is None:
+        return None
+    if isinstance(x, masking.SegmentMask):
+        if x.query_segments is None and x.default_indices and not x.causal and x.window is None:
+            return x
+    elif x.shape[0] in (1, rows) and x.shape[2] == 1:
+        return x
+    raise ValueError(f"encoder-decoder attention over beams sharing their row's encoder keys needs a {name} that "
+                     f"is the same for every query of a row ([{rows} or 1, N or 1, 1, S], or a SegmentMask of key "
+                     f"segments only); got {x if isinstance(x, masking.SegmentMask) else x.shape}.")
 
 
 def dense_kernel(module, name, shape, axes, in_axis=-2, out_axis=-1):

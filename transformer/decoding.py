@@ -313,8 +313,9 @@ def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: 
     if beam_size == 1:
         cache = init_cache(model, params, max_length, batch, encoded, inputs)
         return greedy(encoder_decoder_step_fn(model, params, encoded, inputs), cache, batch, max_length, eos_id)
-    encoded, beam_inputs = expand_beams(encoded, beam_size), expand_beams(inputs, beam_size)
-    cache = init_cache(model, params, max_length, batch * beam_size, encoded, beam_inputs)
-    tokens, _ = beam_search(encoder_decoder_step_fn(model, params, encoded, beam_inputs), cache, batch, beam_size,
+    # The encoder's keys and values stay one copy per row: the decoder's B * W beam rows attend to
+    # them as W queries of their row (MultiHeadAttention folds them), not W repeated copies.
+    cache = init_cache(model, params, max_length, batch * beam_size, encoded, inputs)
+    tokens, _ = beam_search(encoder_decoder_step_fn(model, params, encoded, inputs), cache, batch, beam_size,
                             max_length, eos_id, alpha, penalty)
     return tokens[:, 0]

@@ -14,6 +14,9 @@ positions written so far in self-attention, and moves only those when beams are 
 "whole" reads and moves the whole cache (source length + 50 positions) at every step, as before
 (and as the usual implementations do). `--top_k=chunked,full` likewise times beam search's top-k
 over beam x vocabulary both ways: `decoding.chunked_top_k` (ours) and `jax.lax.top_k` over all of it.
+`--encoder_keys=shared,per_beam` times beam search with the encoder's cached keys and values kept
+once per sentence, the W beams attending to them as W queries (ours), and repeated for each beam,
+as before (and as the usual implementations do).
 """
 
 import contextlib
@@ -51,6 +54,27 @@ def whole_cache():
     with (mock.patch.object(decoding, "written_positions", lambda cache: None),
           mock.patch.object(attention, "dot_product_attention", without_kv_length)):
         yield
+_ENCODER_KEYS = flags.DEFINE_list("encoder_keys", ["shared"], "Beam search's cached encoder keys and values: "
+                                  "shared (one copy per sentence) and/or per_beam (repeated for each beam, as before).")
+
+
+@contextlib.contextmanager
+def per_beam_encoder_keys():
+    """Beam search as before: the encoder's output and inputs repeated for each beam, so that each
+    beam row caches and reads its own copy of the encoder's keys and values."""
+    def translate(model, params, inputs, *, eos_id, beam_size=4, alpha=0.6, max_extra_length=50, penalty="gnmt"):
+        if beam_size == 1:
+            return original(model, params, inputs, eos_id=eos_id, beam_size=1, max_extra_length=max_extra_length)
+        batch, max_length = inputs.shape[0], inputs.shape[1] + max_extra_length
+        encoded = model.apply({"params": params}, inputs, method=model.encode)
+        encoded, inputs = decoding.expand_beams(encoded, beam_size), decoding.expand_beams(inputs, beam_size)
+        cache = decoding.init_cache(model, params, max_length, batch * beam_size, encoded, inputs)
+        step = decoding.encoder_decoder_step_fn(model, params, encoded, inputs)
+        return decoding.beam_search(step, cache, batch, beam_size, max_length, eos_id, alpha, penalty)[0][:, 0]
+
+    original = decoding.translate
+    with mock.patch.object(decoding, "translate", translate):
+        yield
 
 
 @contextlib.contextmanager
@@ -69,7 +93,8 @@ def timed_pass(translator, params, sources):
 def main(argv):
     del argv
     for name, values, allowed in (("caches", _CACHES.value, ("live", "whole")),
-                                  ("top_k", _TOP_K.value, ("chunked", "full"))):
+                                  ("top_k", _TOP_K.value, ("chunked", "full")),
+                                  ("encoder_keys", _ENCODER_KEYS.value, ("shared", "per_beam"))):
         if set(values) - set(allowed):
             raise cli.UserError(f"--{name}={','.join(values)}: use {' and/or '.join(allowed)}.")
     workdir = _WORKDIR.value
@@ -80,22 +105,25 @@ def main(argv):
     sources, references = inputs.eval_inputs(run, tokenizer, _SPLIT.value).eval_texts
     print(f"{time.strftime('%Y-%m-%d')}: {workdir} ({checkpoint} step {step}), {_SPLIT.value}: {len(sources)} "
           f"sentences; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
-    print("| dtype | beam | cache | top-k | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| dtype | beam | cache | top-k | encoder keys | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in _DTYPES.value:
         model = EncoderDecoder(trainer.model.config.replace(dtype=dtype))
         for beam in (int(b) for b in _BEAMS.value):
-            for cache, top_k in itertools.product(_CACHES.value, _TOP_K.value if beam > 1 else ["-"]):
-                translator = evaluation.Translator.from_config(
-                    model, tokenizer, run.decode, max_input_length=run.data.max_length,
-                    sharding=trainer.batch_sharding, beam_size=beam, batch_size=_BATCH.value)
+            beam_only = (lambda values: values) if beam > 1 else (lambda values: ["-"])
+            for cache, top_k, keys in itertools.product(_CACHES.value, beam_only(_TOP_K.value),
+                                                        beam_only(_ENCODER_KEYS.value)):
                 with (trainer.context(), whole_cache() if cache == "whole" else contextlib.nullcontext(),
-                      full_top_k() if top_k == "full" else contextlib.nullcontext()):
+                      full_top_k() if top_k == "full" else contextlib.nullcontext(),
+                      per_beam_encoder_keys() if keys == "per_beam" else contextlib.nullcontext()):
+                    translator = evaluation.Translator.from_config(
+                        model, tokenizer, run.decode, max_input_length=run.data.max_length,
+                        sharding=trainer.batch_sharding, beam_size=beam, batch_size=_BATCH.value)
                     _, first = timed_pass(translator, params, sources)
                     hypotheses, second = timed_pass(translator, params, sources)
                 cased, _ = evaluation.bleu(hypotheses, references)
                 lowercased, _ = evaluation.bleu(hypotheses, references, lowercase=True)
-                print(f"| {dtype} | {beam} | {cache} | {top_k} | {translator.batch_size} | "
+                print(f"| {dtype} | {beam} | {cache} | {top_k} | {keys} | {translator.batch_size} | "
                       f"{len(sources) / second:.1f} | {max(first - second, 0.0):.1f} | {lowercased:.2f} | "
                       f"{cased:.2f} |", flush=True)
 
