@@ -625,6 +625,7 @@ class MultiHeadAttention(nn.Module):
 
 
 def _beams_per_row(query_rows: int, key_rows: int) -> int:
+    """W, for B * W query rows (beams) over B rows of encoder keys."""
     if query_rows % key_rows:
         raise ValueError(f"encoder-decoder attention with {query_rows} query rows and {key_rows} rows of encoder "
                          "keys: the query rows must be the key rows or W beams of each (beam-major within a row, "

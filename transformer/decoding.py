@@ -228,7 +228,9 @@ def length_penalty(length, alpha: float, form: str = "gnmt"):
 
 def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: int, eos_id: int,
                 alpha: float = 0.6, penalty: str = "gnmt"):
-    """Beam search over a cache already expanded to [B * W, ...] rows (W = beam width; beam-major within a row).
+    """Beam search over a cache of [B * W, ...] rows (W = beam width; beam-major within a row) for the
+    decoder's own keys and values; the encoder's cached keys may be one copy per row ([B, ...], as
+    `translate` makes them) or per beam.
 
     Finished hypotheses are scored log P(y) / length_penalty(|y|, alpha, penalty).
 

@@ -41,6 +41,8 @@ _CACHES = flags.DEFINE_list("caches", ["live"], "Cache positions each step reads
                             "written so far) and/or whole (all of them, as before).")
 _TOP_K = flags.DEFINE_list("top_k", ["chunked"], "Beam search's top-k over beam x vocabulary: chunked "
                            "(decoding.chunked_top_k) and/or full (jax.lax.top_k over all candidates, as before).")
+_ENCODER_KEYS = flags.DEFINE_list("encoder_keys", ["shared"], "Beam search's cached encoder keys and values: "
+                                  "shared (one copy per sentence) and/or per_beam (repeated for each beam, as before).")
 
 
 @contextlib.contextmanager
@@ -54,8 +56,6 @@ def whole_cache():
     with (mock.patch.object(decoding, "written_positions", lambda cache: None),
           mock.patch.object(attention, "dot_product_attention", without_kv_length)):
         yield
-_ENCODER_KEYS = flags.DEFINE_list("encoder_keys", ["shared"], "Beam search's cached encoder keys and values: "
-                                  "shared (one copy per sentence) and/or per_beam (repeated for each beam, as before).")
 
 
 @contextlib.contextmanager
