@@ -206,6 +206,25 @@ def test_beams_sharing_their_rows_encoder_keys_equal_beams_with_copies(translati
     assert len(np.unique(np.asarray(shared_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering
 
 
+def test_decode_benchmarks_per_beam_baseline_translates_alike(translation_model, monkeypatch):
+    from experiments.benchmarks import decode as bench  # noqa: PLC0415
+
+    model, params, inputs = translation_model
+    encoder_rows = []
+    init_cache = decoding.init_cache
+    monkeypatch.setattr(decoding, "init_cache",
+                        lambda *args: encoder_rows.append(args[4].shape[0]) or init_cache(*args))
+
+    def translate():
+        return decoding.translate(model, params, inputs, eos_id=EOS, beam_size=3, max_extra_length=6)
+
+    shared = translate()
+    with bench.per_beam_encoder_keys():
+        copied = translate()
+    assert encoder_rows == [2, 2 * 3]  # the baseline repeats the encoder's output for each beam
+    np.testing.assert_array_equal(shared, copied)
+
+
 def test_decoding_step_attention_maps_of_shared_encoder_keys_are_per_beam(translation_model):
     model, params, inputs = translation_model
     beam_size, rows = 3, inputs.shape[0]
