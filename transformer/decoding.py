@@ -312,12 +312,11 @@ def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: 
     batch = inputs.shape[0]
     max_length = inputs.shape[1] + max_extra_length
     encoded = model.apply({"params": params}, inputs, method=model.encode)
-    if beam_size == 1:
-        cache = init_cache(model, params, max_length, batch, encoded, inputs)
-        return greedy(encoder_decoder_step_fn(model, params, encoded, inputs), cache, batch, max_length, eos_id)
-    # The encoder's keys and values stay one copy per row: the decoder's B * W beam rows attend to
-    # them as W queries of their row (MultiHeadAttention folds them), not W repeated copies.
+    # The encoder's keys and values stay one copy per row: with beams, the decoder's B * W rows attend
+    # to them as W queries of their row (MultiHeadAttention folds them), not W repeated copies.
     cache = init_cache(model, params, max_length, batch * beam_size, encoded, inputs)
-    tokens, _ = beam_search(encoder_decoder_step_fn(model, params, encoded, inputs), cache, batch, beam_size,
-                            max_length, eos_id, alpha, penalty)
+    step = encoder_decoder_step_fn(model, params, encoded, inputs)
+    if beam_size == 1:
+        return greedy(step, cache, batch, max_length, eos_id)
+    tokens, _ = beam_search(step, cache, batch, beam_size, max_length, eos_id, alpha, penalty)
     return tokens[:, 0]
