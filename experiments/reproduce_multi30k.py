@@ -89,18 +89,26 @@ def main(argv):
 
     scorer = inference.SplitScorer(workdir, "averaged")  # restored once; val's perplexity computed once
 
-    def evaluate_val(alpha):
-        scores = scorer.score("validation", alpha=alpha, tag=f"alpha{alpha:g}" if len(alphas) > 1 else "")
+    if len(alphas) > 1:  # one beam search over val serves every alpha (`SplitScorer.score_alphas`)
+        on_val = scorer.score_alphas("validation", alphas)
+    else:
+        on_val = {alphas[0]: scorer.score("validation", alpha=alphas[0])}
+    for scores in on_val.values():
         print(f"validation (alpha {scores['alpha']:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU "
               f"{scores['bleu_lc']:.2f}", flush=True)
-        return {k: scores[k] for k in keys}
+
+    def evaluate_val(alpha):
+        return {k: on_val[alpha][k] for k in keys}
 
     best, search = evaluation.choose_on_val(evaluate_val, alphas)
     results["splits"]["validation"] = search[best]
     if len(search) > 1:
         results["alpha_search"] = {f"{a:g}": {k: s[k] for k in ("bleu", "bleu_lc")} for a, s in search.items()}
         print(f"Length penalty chosen on val: alpha {best:g}", flush=True)
-    scores = scorer.score("test", alpha=best)
+    if len(alphas) > 1:  # the chosen alpha in each of val's slots: val's compiled searches, no new compile
+        scores = scorer.score_alphas("test", [best] * len(alphas), tag="")[best]
+    else:
+        scores = scorer.score("test", alpha=best)
     results["splits"]["test"] = {k: scores[k] for k in keys}
     print(f"test (alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}", flush=True)
     results["total_minutes"] = (time.time() - start) / 60

@@ -45,6 +45,19 @@ def test_beam_search_finds_the_known_best_and_length_penalty_changes_it():
     np.testing.assert_allclose(scores[0, 0], -1.2 / 1.5, rtol=1e-5)
 
 
+def test_one_search_keeps_a_finished_set_per_length_penalty():
+    cache = {"unused": jnp.zeros(())}
+    tokens, scores = decoding.beam_search(markov_logits_fn, cache, 1, 3, 6, EOS, alpha=jnp.array([0.0, 1.0]))
+    assert tokens.shape == (1, 2, 3, 6) and scores.shape == (1, 2, 3)
+    np.testing.assert_array_equal(tokens[0, :, 0], [[5, EOS, 0, 0, 0, 0], [2, 3, 4, EOS, 0, 0]])  # as above
+    for k, alpha in enumerate([0.0, 1.0]):
+        alone_tokens, alone_scores = decoding.beam_search(markov_logits_fn, cache, 1, 3, 6, EOS, alpha=alpha)
+        np.testing.assert_array_equal(tokens[:, k], alone_tokens)
+        np.testing.assert_array_equal(scores[:, k], alone_scores)
+    with pytest.raises(ValueError, match="scalar or a vector"):
+        decoding.beam_search(markov_logits_fn, cache, 1, 3, 6, EOS, alpha=jnp.ones((2, 2)))
+
+
 def test_finished_beams_are_never_extended():
     cache = {"unused": jnp.zeros(())}
     beam_size = 4
@@ -206,6 +219,36 @@ def test_beams_sharing_their_rows_encoder_keys_equal_beams_with_copies(translati
     assert len(np.unique(np.asarray(shared_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering
 
 
+@pytest.mark.parametrize("penalty", ["gnmt", "power"])
+def test_a_search_over_several_alphas_equals_a_search_per_alpha(translation_model, penalty):
+    # The live beams do not depend on alpha; a finished set that can no longer improve stays as it is
+    # while the search goes on for the other alphas, so each alpha's result is exactly its own search's.
+    model, params, inputs = translation_model
+    alphas = [0.0, 0.6, 1.5, 4.0]
+    search = jax.jit(lambda p, x, alpha: _beams(model, p, x, 3, 10, alpha=alpha, penalty=penalty,
+                                                     eos_bonus=3.0))  # endings of many lengths
+    tokens, scores = search(params, inputs, jnp.array(alphas))
+    assert tokens.shape == (2, 4, 3, 16) and scores.shape == (2, 4, 3)
+    for k, alpha in enumerate(alphas):
+        alone_tokens, alone_scores = search(params, inputs, jnp.float32(alpha))
+        np.testing.assert_array_equal(tokens[:, k], alone_tokens)
+        np.testing.assert_array_equal(scores[:, k], alone_scores)
+    best = np.asarray(tokens[:, :, 0])
+    assert any(not np.array_equal(best[:, 0], best[:, k]) for k in range(1, 4))  # the alphas chose differently
+
+
+def test_translate_gives_one_output_per_alpha(translation_model):
+    model, params, inputs = translation_model
+    translate = jax.jit(functools.partial(decoding.translate, model, eos_id=EOS, max_extra_length=4),
+                        static_argnames="beam_size")
+    for beam_size in (1, 3):
+        outputs = translate(params, inputs, beam_size=beam_size, alpha=jnp.array([0.0, 2.0]))
+        assert outputs.shape == (2, 2, inputs.shape[1] + 4)
+        for k, alpha in enumerate([0.0, 2.0]):
+            np.testing.assert_array_equal(outputs[:, k], translate(params, inputs, beam_size=beam_size,
+                                                                   alpha=jnp.float32(alpha)))
+
+
 def test_decode_benchmarks_per_beam_baseline_translates_alike(translation_model, monkeypatch):
     from experiments.benchmarks import decode as bench  # noqa: PLC0415
 
@@ -256,7 +299,8 @@ def test_beam_rows_must_be_whole_multiples_of_the_encoder_rows(translation_model
         decoding.init_cache(model, params, 4, 5, encoded, inputs)
 
 
-def _beams(model, params, inputs, beam_size, max_extra, shared_encoder_keys=True):
+def _beams(model, params, inputs, beam_size, max_extra, shared_encoder_keys=True, alpha=0.6, penalty="gnmt",
+           eos_bonus=0.0):
     rows, max_length = inputs.shape[0], inputs.shape[1] + max_extra
     encoded = model.apply({"params": params}, inputs, method=model.encode)
     if not shared_encoder_keys:
@@ -266,9 +310,9 @@ def _beams(model, params, inputs, beam_size, max_extra, shared_encoder_keys=True
 
     def no_pad_step(tokens, cache):  # a random model emits PAD; a trained one would not
         logits, cache = step(tokens, cache)
-        return logits.at[:, 0].set(decoding.NEG_INF), cache
+        return logits.at[:, 0].set(decoding.NEG_INF).at[:, EOS].add(eos_bonus), cache
 
-    return decoding.beam_search(no_pad_step, cache, rows, beam_size, max_length, EOS, 0.6)
+    return decoding.beam_search(no_pad_step, cache, rows, beam_size, max_length, EOS, alpha, penalty)
 
 
 @pytest.fixture(scope="module")

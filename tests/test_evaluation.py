@@ -123,6 +123,15 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
     assert first["bleu"] == pytest.approx(scores["bleu"]) and first["perplexity"] == pytest.approx(scores["perplexity"])
     assert second["alpha"] == 1.0 and second["perplexity"] == first["perplexity"]
     assert os.path.exists(os.path.join(workdir, "eval", "test.averaged.second.json"))
+    # Several alphas from one search: the same scores as one `score` call each, files tagged by alpha.
+    searched = scorer.score_alphas("test", [scores["alpha"], 1.0], beam_size=2)
+    assert list(searched) == [scores["alpha"], 1.0] and passes == ["evaluate"]
+    assert searched[1.0]["bleu"] == pytest.approx(second["bleu"]) and searched[1.0]["alpha"] == 1.0
+    assert searched[scores["alpha"]]["bleu_lc"] == pytest.approx(first["bleu_lc"])
+    assert searched[1.0]["perplexity"] == first["perplexity"]
+    with open(os.path.join(workdir, "eval", "test.averaged.alpha1.txt")) as f, \
+            open(os.path.join(workdir, "eval", "test.averaged.second.txt")) as g:
+        assert f.read() == g.read()
 
 
 class CharTokenizer:
@@ -174,3 +183,44 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
                                            max_extra_length=4, alpha=3.0)(params, sentences)
     # Each batch was searched with the alpha asked for: 2 passes at the default, then 2 at 3.0.
     assert np.allclose(alphas, [0.6] * 30 + [3.0] * 30)
+
+
+def test_translator_with_alphas_gives_each_alphas_translations_from_one_search(monkeypatch):
+    import transformer as tfm
+
+    calls = []
+    real = evaluation.decoding.translate
+
+    def counting(model, params, inputs, **kwargs):
+        jax.debug.callback(lambda: calls.append(1))  # runs at every call
+        return real(model, params, inputs, **kwargs)
+
+    monkeypatch.setattr(evaluation.decoding, "translate", counting)
+    step_fn = evaluation.decoding.encoder_decoder_step_fn
+
+    def ending_step_fn(*args):  # an untrained model never ends; favour EOS so that outputs end at many lengths
+        step = step_fn(*args)
+
+        def logits_fn(tokens, cache):
+            logits, cache = step(tokens, cache)
+            return logits.at[:, CharTokenizer.eos_id].add(3.0), cache
+
+        return logits_fn
+
+    monkeypatch.setattr(evaluation.decoding, "encoder_decoder_step_fn", ending_step_fn)
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, num_encoder_layers=1, num_decoder_layers=1, max_len=64)
+    model = tfm.EncoderDecoder(cfg)
+    params = model.init(jax.random.key(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+    translator = evaluation.Translator(model, CharTokenizer(), beam_size=3, batch_size=4, max_input_length=32,
+                                       max_extra_length=6)
+    rng = np.random.default_rng(1)
+    sentences = ["".join(rng.choice(list("abcdefgh"), size=n)) for n in rng.integers(1, 20, size=10)] + ["  "]
+    alphas = [0.0, 1.0, 5.0]
+    by_alpha = translator.with_alphas(params, sentences, alphas)
+    assert list(by_alpha) == alphas and len(calls) == 3  # 11 sentences, 3 batches, one search each
+    for alpha in alphas:
+        assert by_alpha[alpha] == translator(params, sentences, alpha)
+    assert by_alpha[0.0][-1] == ""  # a blank sentence still translates to ''
+    assert by_alpha[0.0] != by_alpha[5.0]  # the length penalty changed some translations
+    with pytest.raises(ValueError, match="at least one"):
+        translator.with_alphas(params, sentences, [])

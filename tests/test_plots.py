@@ -101,10 +101,11 @@ def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
     overrides = dict(num_train_steps=4, max_train_minutes=0, log_every=2, eval_every=4, bleu_every=0, prng_impl="",
                      **{"optimizer.warmup_steps": 1, "checkpoint.every": 2, "model.num_layers": 1,
                         "model.d_model": 32, "model.d_ff": 64, "model.num_heads": 2, "data.vocab_size": 300,
-                        "data.batch_size": 32, "data.eval_batch_size": 64, "decode.beam_size": 1,
+                        "data.batch_size": 32, "data.eval_batch_size": 64, "decode.beam_size": 2,
                         "decode.batch_size": 250})
     command = [sys.executable, "-m", "experiments.reproduce_multi30k", f"--workdir={workdir}",
                "--config=experiments/configs/multi30k.py:hour", f"--raw_dir={multi30k_dir}", "--num_average=2",
+               "--alphas=0.6,1.5",
                *(f"--config.{k}={v}" for k, v in overrides.items())]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -112,6 +113,14 @@ def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
         results = json.load(f)
     assert results["steps"] == 4 and results["averaged"] == [2, 4]
     assert set(results["splits"]) == {"validation", "test"}
+    # The length penalty was chosen on val, from one beam search serving both alphas.
+    assert set(results["alpha_search"]) == {"0.6", "1.5"}
+    best = results["splits"]["validation"]["alpha"]
+    assert results["splits"]["test"]["alpha"] == best
+    searched = results["alpha_search"]
+    assert searched[f"{best:g}"]["bleu_lc"] == max(s["bleu_lc"] for s in searched.values())
+    for alpha in ("0.6", "1.5"):
+        assert (workdir / "eval" / f"validation.averaged.alpha{alpha}.txt").exists()
     assert f"Training curves: {workdir / 'plots' / 'training.png'}" in result.stdout
     image = read_png(str(workdir / "plots" / "training.png"))
     assert image.shape[1] == 1000 and image.shape[0] > 600  # both columns, several metric rows

@@ -227,18 +227,27 @@ def length_penalty(length, alpha: float, form: str = "gnmt"):
 
 
 def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: int, eos_id: int,
-                alpha: float = 0.6, penalty: str = "gnmt"):
+                alpha=0.6, penalty: str = "gnmt"):
     """Beam search over a cache of [B * W, ...] rows (W = beam width; beam-major within a row) for the
     decoder's own keys and values; the encoder's cached keys may be one copy per row ([B, ...], as
     `translate` makes them) or per beam.
 
-    Finished hypotheses are scored log P(y) / length_penalty(|y|, alpha, penalty).
+    Finished hypotheses are scored log P(y) / length_penalty(|y|, alpha, penalty). `alpha` is one
+    length penalty, or A of them ([A]): the live beams never depend on alpha (it only ranks finished
+    hypotheses), so one search keeps a finished set per alpha and runs until none of them can
+    improve. Each alpha's result equals that of a search with that alpha alone (tested): choosing
+    alpha on a development set costs one search, not A.
 
     Returns:
-      (tokens [B, W, max_length], scores [B, W]) sorted best first; tokens end with EOS
-      (unless cut at max_length) and are PAD_ID after it.
+      (tokens [B, W, max_length], scores [B, W]) sorted best first, or [B, A, W, max_length] and
+      [B, A, W] for A alphas; tokens end with EOS (unless cut at max_length) and are PAD_ID after it.
     """
     b, w = batch_size, beam_size
+    alphas = jnp.asarray(alpha, jnp.float32)
+    if alphas.ndim > 1:
+        raise ValueError(f"alpha must be a scalar or a vector of length penalties, got shape {alphas.shape}.")
+    alphas = alphas.reshape(-1)  # [A]
+    a = alphas.shape[0]
 
     def flat(x):  # [B, W, ...] -> [B * W, ...]
         return x.reshape(b * w, *x.shape[2:])
@@ -248,8 +257,8 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
         live_tokens=jnp.full((b, w, max_length), PAD_ID, jnp.int32),
         # Only the first beam is live at the start, so the first expansion has no duplicates.
         live_logprobs=jnp.tile(jnp.array([0.0] + [NEG_INF] * (w - 1)), (b, 1)),
-        finished_tokens=jnp.full((b, w, max_length), PAD_ID, jnp.int32),
-        finished_scores=jnp.full((b, w), NEG_INF),
+        finished_tokens=jnp.full((b, a, w, max_length), PAD_ID, jnp.int32),
+        finished_scores=jnp.full((b, a, w), NEG_INF),
         cache=cache,
     )
 
@@ -274,27 +283,32 @@ def beam_search(logits_fn, cache, batch_size: int, beam_size: int, max_length: i
         source_beam = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, W]
         cache = reorder_beams(cache, source_beam, live_length=written_positions(cache))
 
-        # Finished set: merge the old finished with candidates that just ended (or hit max length).
+        # Finished sets, one per alpha: merge the old with candidates that just ended (or hit max length).
         at_end = step == max_length - 1
-        ends = is_eos | at_end
-        new_scores = jnp.where(ends, top_logprobs / length_penalty(step + 1, alpha, penalty), NEG_INF)
-        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=1)  # [B, 3W]
-        tokens = jnp.concatenate([state["finished_tokens"], top_tokens], axis=1)
-        finished_scores, finished_pick = jax.lax.top_k(scores, w)
-        finished_tokens = jnp.take_along_axis(tokens, finished_pick[..., None], axis=1)
+        ends = (is_eos | at_end)[:, None, :]  # [B, 1, 2W]
+        penalties = length_penalty(step + 1, alphas, penalty)[None, :, None]  # [1, A, 1]
+        new_scores = jnp.where(ends, top_logprobs[:, None, :] / penalties, NEG_INF)  # [B, A, 2W]
+        scores = jnp.concatenate([state["finished_scores"], new_scores], axis=-1)  # [B, A, 3W]
+        finished_scores, finished_pick = jax.lax.top_k(scores, w)  # [B, A, W]
+        candidate_tokens = jnp.broadcast_to(top_tokens[:, None], (b, a, 2 * w, max_length))
+        tokens = jnp.concatenate([state["finished_tokens"], candidate_tokens], axis=2)  # [B, A, 3W, L]
+        finished_tokens = jnp.take_along_axis(tokens, finished_pick[..., None], axis=2)
         return dict(step=step + 1, live_tokens=live_tokens, live_logprobs=live_logprobs,
                     finished_tokens=finished_tokens, finished_scores=finished_scores, cache=cache)
 
     def cond(state):
         # Log-probabilities only fall as sequences grow, and the penalty (alpha >= 0) is largest at
-        # max_length: that bounds what any live beam can still reach.
-        best_possible = state["live_logprobs"][:, 0] / length_penalty(max_length, alpha, penalty)
-        worst_finished = state["finished_scores"][:, -1]
+        # max_length: that bounds what any live beam can still reach, under each alpha.
+        best_possible = state["live_logprobs"][:, :1] / length_penalty(max_length, alphas, penalty)  # [B, A]
+        worst_finished = state["finished_scores"][:, :, -1]
         can_improve = jnp.any(best_possible > worst_finished)
         return (state["step"] < max_length) & can_improve
 
     state = jax.lax.while_loop(cond, body, state)
-    return state["finished_tokens"], state["finished_scores"]
+    tokens, scores = state["finished_tokens"], state["finished_scores"]
+    if jnp.ndim(alpha) == 0:
+        return tokens[:, 0], scores[:, 0]
+    return tokens, scores
 
 
 def expand_beams(x, beam_size: int):
@@ -308,7 +322,10 @@ def expand_beams(x, beam_size: int):
 
 def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: float = 0.6,
               max_extra_length: int = 50, penalty: str = "gnmt"):
-    """EncoderDecoder inputs [B, S] -> best outputs [B, S + max_extra_length] (greedy when beam_size == 1)."""
+    """EncoderDecoder inputs [B, S] -> best outputs [B, S + max_extra_length] (greedy when beam_size == 1).
+
+    With A length penalties (`alpha` [A]), one search gives the best output under each: [B, A, S +
+    max_extra_length] (greedy decoding has no penalty: the same output A times)."""
     batch = inputs.shape[0]
     max_length = inputs.shape[1] + max_extra_length
     encoded = model.apply({"params": params}, inputs, method=model.encode)
@@ -317,6 +334,9 @@ def translate(model, params, inputs, *, eos_id: int, beam_size: int = 4, alpha: 
     cache = init_cache(model, params, max_length, batch * beam_size, encoded, inputs)
     step = encoder_decoder_step_fn(model, params, encoded, inputs)
     if beam_size == 1:
-        return greedy(step, cache, batch, max_length, eos_id)
+        tokens = greedy(step, cache, batch, max_length, eos_id)
+        if jnp.ndim(alpha) == 0:
+            return tokens
+        return jnp.broadcast_to(tokens[:, None], (batch, jnp.shape(alpha)[0], max_length))
     tokens, _ = beam_search(step, cache, batch, beam_size, max_length, eos_id, alpha, penalty)
-    return tokens[:, 0]
+    return tokens[..., 0, :]  # the best of each row's (and alpha's) finished set

@@ -47,7 +47,7 @@ class Translator:
                          multiple, batch_size)
         self.max_input_length = max_input_length
         self.sharding = sharding
-        self.alpha = alpha
+        self.beam_size, self.alpha = beam_size, alpha
         # alpha is an argument of the compiled search, not a constant in it: decoding with another length
         # penalty (a search on val) reuses each input length's compiled program.
         self._translate = jax.jit(functools.partial(
@@ -73,10 +73,23 @@ class Translator:
     def __call__(self, params, sentences: Sequence[str], alpha: float | None = None) -> list[str]:
         """Translations of `sentences`, in order, with length penalty `alpha` (None: this translator's);
         an empty (or blank) sentence translates to ''."""
-        alpha = jnp.float32(self.alpha if alpha is None else alpha)
+        return self._translate_all(params, sentences, jnp.float32(self.alpha if alpha is None else alpha))[0]
+
+    def with_alphas(self, params, sentences: Sequence[str], alphas: Sequence[float]) -> dict[float, list[str]]:
+        """{alpha: translations of `sentences`} for each length penalty in `alphas`, from one beam search
+        per batch (`decoding.beam_search` keeps a finished set per alpha): the same translations as
+        `self(params, sentences, alpha)` for each alpha, at about the cost of one."""
+        alphas = [float(a) for a in alphas]
+        if not alphas:
+            raise ValueError("with_alphas needs at least one length penalty.")
+        outputs = self._translate_all(params, sentences, jnp.asarray(alphas, jnp.float32))
+        return dict(zip(alphas, outputs))
+
+    def _translate_all(self, params, sentences: Sequence[str], alpha) -> list[list[str]]:
+        """One list of translations per length penalty in `alpha` (a scalar: one list)."""
         encoded = [self.encode(s) if s.strip() else None for s in sentences]
         order = sorted((i for i, ids in enumerate(encoded) if ids is not None), key=lambda i: len(encoded[i]))
-        outputs = [""] * len(sentences)
+        outputs = [[""] * len(sentences) for _ in range(max(1, alpha.size))]
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             length = -(-max(len(encoded[i]) for i in rows) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
@@ -86,8 +99,10 @@ class Translator:
             batch[len(rows):, 0] = self.tokenizer.eos_id  # filler rows: an empty sentence
             inputs = jnp.asarray(batch) if self.sharding is None else jax.device_put(batch, self.sharding)
             tokens = np.asarray(jax.device_get(self._translate(params, inputs, alpha=alpha)))
+            tokens = tokens.reshape(self.batch_size, len(outputs), -1)  # [B, A, L]
             for r, i in enumerate(rows):
-                outputs[i] = self.tokenizer.decode(tokens[r].tolist())
+                for k, output in enumerate(outputs):
+                    output[i] = self.tokenizer.decode(tokens[r, k].tolist())
         return outputs
 
 
@@ -99,17 +114,31 @@ def batch_shards(sharding) -> int:
     return math.prod(sharding.mesh.shape[axis] for axis in axes)
 
 
+def score_translations(hypotheses: Sequence[str], references: Sequence[str], seconds: float) -> dict:
+    """Cased and lowercased sacreBLEU of `hypotheses`, and their throughput (decoded in `seconds`)."""
+    cased, signature = bleu(hypotheses, references)
+    lowercased, lc_signature = bleu(hypotheses, references, lowercase=True)
+    return dict(bleu=cased, bleu_lc=lowercased, signature=signature, signature_lc=lc_signature,
+                sentences_per_s=len(hypotheses) / seconds, hypotheses=hypotheses)
+
+
 def evaluate_translations(translator: Translator, params, sources: Sequence[str], references: Sequence[str],
                           alpha: float | None = None) -> dict:
     """Translates `sources` (length penalty `alpha`; None: the translator's) and scores them: cased and
     lowercased sacreBLEU, throughput."""
     start = time.perf_counter()
     hypotheses = translator(params, sources, alpha)
+    return score_translations(hypotheses, references, time.perf_counter() - start)
+
+
+def evaluate_alphas(translator: Translator, params, sources: Sequence[str], references: Sequence[str],
+                    alphas: Sequence[float]) -> dict[float, dict]:
+    """{alpha: `evaluate_translations(..., alpha)`'s scores} for each of `alphas`, from one search
+    (`Translator.with_alphas`); each throughput is that of the one search."""
+    start = time.perf_counter()
+    by_alpha = translator.with_alphas(params, sources, alphas)
     seconds = time.perf_counter() - start
-    cased, signature = bleu(hypotheses, references)
-    lowercased, lc_signature = bleu(hypotheses, references, lowercase=True)
-    return dict(bleu=cased, bleu_lc=lowercased, signature=signature, signature_lc=lc_signature,
-                sentences_per_s=len(sources) / seconds, hypotheses=hypotheses)
+    return {alpha: score_translations(hypotheses, references, seconds) for alpha, hypotheses in by_alpha.items()}
 
 
 def choose_on_val(evaluate_val, alphas):

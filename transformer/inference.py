@@ -118,20 +118,37 @@ class SplitScorer:
         `alpha` (None: the run's). Writes <workdir>/eval/<split>.<checkpoint>[.<tag>].txt (the
         translations) and .json (the scores)."""
         split_inputs, loss = self._split(split)
+        translator = self._translator(beam_size)
+        sources, references = split_inputs.eval_texts
+        with self.trainer.context():
+            scores = evaluation.evaluate_translations(translator, self.params, sources, references, alpha)
+        return self._write(split, translator, self.run.decode.alpha if alpha is None else alpha, scores, loss, tag)
+
+    def score_alphas(self, split: str, alphas, beam_size=None, tag="alpha{:g}") -> dict:
+        """{alpha: `score(split, beam_size, alpha, tag.format(alpha))`} for each of `alphas`, from one beam
+        search over the split (`evaluation.evaluate_alphas`): the same translations and scores as one
+        `score` call per alpha, at about the cost of one."""
+        split_inputs, loss = self._split(split)
+        translator = self._translator(beam_size)
+        sources, references = split_inputs.eval_texts
+        with self.trainer.context():
+            by_alpha = evaluation.evaluate_alphas(translator, self.params, sources, references, alphas)
+        return {alpha: self._write(split, translator, alpha, scores, loss, tag.format(alpha))
+                for alpha, scores in by_alpha.items()}
+
+    def _translator(self, beam_size=None) -> evaluation.Translator:
         beam_size = beam_size or self.run.decode.beam_size
         if beam_size not in self._translators:
             self._translators[beam_size] = evaluation.Translator.from_config(
                 self.trainer.model, self.tokenizer, self.run.decode, max_input_length=self.run.data.max_length,
                 sharding=self.trainer.batch_sharding, beam_size=beam_size)
-        sources, references = split_inputs.eval_texts
-        with self.trainer.context():
-            scores = evaluation.evaluate_translations(self._translators[beam_size], self.params, sources, references,
-                                                      alpha)
+        return self._translators[beam_size]
+
+    def _write(self, split: str, translator, alpha: float, scores: dict, loss: dict, tag: str) -> dict:
+        scores = dict(scores)
         hypotheses = scores.pop("hypotheses")
-        result = dict(split=split, checkpoint=self.checkpoint, step=self.step,
-                      beam_size=beam_size,
-                      alpha=self.run.decode.alpha if alpha is None else alpha,
-                      **scores, perplexity=loss["perplexity"], loss=loss["loss"])
+        result = dict(split=split, checkpoint=self.checkpoint, step=self.step, beam_size=translator.beam_size,
+                      alpha=alpha, **scores, perplexity=loss["perplexity"], loss=loss["loss"])
         if jax.process_index() == 0:
             out_dir = os.path.join(self.workdir, "eval")
             os.makedirs(out_dir, exist_ok=True)

@@ -114,7 +114,7 @@ def get_config(variant: str = "full"):
         # test 39.74: no gain over 7,650), ~6,000 at the ~120 of a 2-core Zen 4, ~4,700 at 90. (Until 2026-12-01: 6,400
         # updates at most in 55 minutes, which the Xeon trained in 46-48; val lowercased BLEU 40.83
         # there, 41.85 with the budget's 7,650.) Averaging plus beam search on val (four length
-        # penalties, one compiled search) and test take ~2.5 minutes more.
+        # penalties from one search) and test take ~2-5 minutes more.
         config.num_train_steps = 10_000  # a ceiling, above what the budget holds
         config.max_train_minutes = 53.0
         config.fit_steps_to_budget = True
