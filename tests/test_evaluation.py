@@ -133,6 +133,13 @@ def test_translate_and_evaluate_end_to_end(tmp_path, monkeypatch, multi30k_dir):
             open(os.path.join(workdir, "eval", "test.averaged.second.txt")) as g:
         assert f.read() == g.read()
 
+    # The benchmark of the two ways runs on the same workdir and finds their translations identical.
+    result = run_command("experiments.benchmarks.alpha_search", f"--workdir={workdir}", "--split=test",
+                         "--alphas=0.6,1.0", "--beam_size=2", "--rounds=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "translations identical in every round" in result.stdout
+    assert "| 0 |" in result.stdout and "alpha 1: BLEU lc" in result.stdout
+
 
 class CharTokenizer:
     """A stand-in vocabulary: one id per character (mod 20), after pad 0, eos 1, unk 2."""
