@@ -39,7 +39,8 @@ _NUM_AVERAGE = flags.DEFINE_integer("num_average", None, "Checkpoints to average
 # averaged models, val lowercased BLEU at alpha 1.0 / 1.2 / 1.5 / 2.0: 41.15 / 41.36 / 41.36 / 36.55 and
 # 41.02 / 41.02 / 41.26 / 36.82 (2026-11-30). Hence this grid, stopping short of the fall at 2.0.
 _ALPHAS = flags.DEFINE_list("alphas", ["0.8", "1.0", "1.2", "1.5"], "Length penalties (GNMT alpha) tried on val "
-                            "with beam search; test is decoded with the best on val. One value, or greedy decoding: "
+                            "with one beam search for all; test is decoded with the best on val. One value, or "
+                            "greedy decoding: "
                             "no search.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (auto-detect).")
 _HEARTBEAT = flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "Multi-process: after this long without word "
