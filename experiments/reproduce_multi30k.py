@@ -4,7 +4,7 @@
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_full \
         --config=experiments/configs/multi30k.py:full                             # our ~4-hour recipe (run it twice)
     python -m experiments.reproduce_multi30k --workdir=runs/multi30k_paper \
-        --config=experiments/configs/multi30k.py:paper                            # the published recipe's hyperparameters
+        --config=experiments/configs/multi30k.py:paper                            # the published recipe's settings
 
 The length penalty is chosen on val: the averaged model decodes val with each of --alphas (the
 paper's practice: "chosen after experimentation on the development set"), and test is decoded

@@ -55,7 +55,8 @@ class Translator:
             max_extra_length=max_extra_length, penalty=length_penalty))
 
     @classmethod
-    def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None, **overrides) -> "Translator":
+    def from_config(cls, model, tokenizer, decode, *, max_input_length: int, sharding=None,
+                    **overrides) -> "Translator":
         """A Translator with a run's `DecodeConfig` (beam_size, alpha, batch_size); `overrides` replace any of them."""
         settings = dict(beam_size=decode.beam_size, alpha=decode.alpha, length_penalty=decode.length_penalty,
                         batch_size=decode.batch_size)
