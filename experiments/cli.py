@@ -27,6 +27,17 @@ def fail(message: str):
     sys.exit(1)
 
 
+def parse_alphas(values) -> list:
+    """--alphas as floats (none given: [None], the config's alpha)."""
+    try:
+        alphas = [float(v) for v in values]
+    except ValueError:
+        raise UserError(f"--alphas={','.join(values)}: give length penalties as numbers, e.g. 0.6,0.8,1.0.")
+    if any(a < 0 for a in alphas):
+        raise UserError(f"--alphas={','.join(values)}: length penalties must be >= 0.")
+    return alphas or [None]
+
+
 def parse_flags(argv):
     """absl's parsing, with ml_collections' errors (an unknown or ill-typed config field) as one line."""
     try:

@@ -51,21 +51,10 @@ _RESTART_DATA = flags.DEFINE_bool("restart_data", False, "Resume even if the che
 DEFAULT_RAW_DIR = os.path.join("..", "shared", "data", "multi30k")
 
 
-def parse_alphas(values) -> list:
-    """--alphas as floats (none given: [None], the config's alpha)."""
-    try:
-        alphas = [float(v) for v in values]
-    except ValueError:
-        raise cli.UserError(f"--alphas={','.join(values)}: give length penalties as numbers, e.g. 0.6,0.8,1.0.")
-    if any(a < 0 for a in alphas):
-        raise cli.UserError(f"--alphas={','.join(values)}: length penalties must be >= 0.")
-    return alphas or [None]
-
-
 def main(argv):
     del argv
     start = time.time()
-    alphas = parse_alphas(_ALPHAS.value)  # a mistake ends the command now, not after training
+    alphas = cli.parse_alphas(_ALPHAS.value)  # a mistake ends the command now, not after training
     config, workdir = _CONFIG.value, _WORKDIR.value
     raw_dir = _RAW_DIR.value or (DEFAULT_RAW_DIR if os.path.isdir(DEFAULT_RAW_DIR) else "")
     with config.unlocked():

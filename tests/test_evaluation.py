@@ -154,10 +154,17 @@ class CharTokenizer:
         return "".join(chr(ord("a") + i - 3) for i in ids if i >= 3)
 
 
-def test_translator_compiles_once_per_length_bucket(monkeypatch):
-    """Recompile guard: a whole test set traces the decoder once per padded length, never per batch."""
+def tiny_model():
+    """An untrained 1+1-layer EncoderDecoder over CharTokenizer's 24 ids, and its parameters."""
     import transformer as tfm
 
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, num_encoder_layers=1, num_decoder_layers=1, max_len=64)
+    model = tfm.EncoderDecoder(cfg)
+    return model, model.init(jax.random.key(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+
+
+def test_translator_compiles_once_per_length_bucket(monkeypatch):
+    """Recompile guard: a whole test set traces the decoder once per padded length, never per batch."""
     traces, alphas = [], []
     real = evaluation.decoding.translate
 
@@ -167,9 +174,7 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
         return real(model, params, inputs, **kwargs)
 
     monkeypatch.setattr(evaluation.decoding, "translate", counting)
-    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, num_encoder_layers=1, num_decoder_layers=1, max_len=64)
-    model = tfm.EncoderDecoder(cfg)
-    params = model.init(jax.random.key(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+    model, params = tiny_model()
     translator = evaluation.Translator(model, CharTokenizer(), beam_size=2, batch_size=4, max_input_length=32,
                                        max_extra_length=4)
     rng = np.random.default_rng(0)
@@ -193,8 +198,6 @@ def test_translator_compiles_once_per_length_bucket(monkeypatch):
 
 
 def test_translator_with_alphas_gives_each_alphas_translations_from_one_search(monkeypatch):
-    import transformer as tfm
-
     calls = []
     real = evaluation.decoding.translate
 
@@ -215,9 +218,7 @@ def test_translator_with_alphas_gives_each_alphas_translations_from_one_search(m
         return logits_fn
 
     monkeypatch.setattr(evaluation.decoding, "encoder_decoder_step_fn", ending_step_fn)
-    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, num_encoder_layers=1, num_decoder_layers=1, max_len=64)
-    model = tfm.EncoderDecoder(cfg)
-    params = model.init(jax.random.key(0), np.ones((1, 8), np.int32), np.ones((1, 8), np.int32))["params"]
+    model, params = tiny_model()
     translator = evaluation.Translator(model, CharTokenizer(), beam_size=3, batch_size=4, max_input_length=32,
                                        max_extra_length=6)
     rng = np.random.default_rng(1)

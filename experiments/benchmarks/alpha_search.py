@@ -11,7 +11,6 @@ their translations are identical, and prints the medians, their ratio and each a
 Parameters are the run's ("averaged" checkpoint if there is one, else "latest").
 """
 
-import os
 import statistics
 import time
 
@@ -19,7 +18,8 @@ import jax
 from absl import flags
 
 from experiments import cli
-from transformer import evaluation, inference, inputs
+from experiments.benchmarks import trained_run
+from transformer import evaluation
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A translation run's workdir.", required=True)
 _SPLIT = flags.DEFINE_string("split", "validation", "Which split to translate.")
@@ -37,24 +37,16 @@ def timed(fn):
 
 def main(argv):
     del argv
-    try:
-        alphas = [float(a) for a in _ALPHAS.value]
-    except ValueError:
-        raise cli.UserError(f"--alphas={','.join(_ALPHAS.value)}: give length penalties as numbers.")
-    if not alphas or any(a < 0 for a in alphas):
-        raise cli.UserError(f"--alphas={','.join(_ALPHAS.value)}: give one or more length penalties >= 0.")
-    workdir = _WORKDIR.value
-    checkpoint = "averaged" if os.path.isdir(os.path.join(workdir, "averaged")) else "latest"
-    run, trainer, params, tokenizer, step = inference.load_for_inference(workdir, checkpoint)
-    if run.objective != "translation" or tokenizer is None:
-        raise cli.UserError(f"{workdir} is not a translation run on real data.")
-    sources, references = inputs.eval_inputs(run, tokenizer, _SPLIT.value).eval_texts
+    alphas = cli.parse_alphas(_ALPHAS.value)
+    if alphas == [None]:
+        raise cli.UserError("--alphas: give one or more length penalties.")
+    run, trainer, params, tokenizer, sources, references, where = trained_run.load_translation_run(
+        _WORKDIR.value, _SPLIT.value)
     translator = evaluation.Translator.from_config(trainer.model, tokenizer, run.decode,
                                                    max_input_length=run.data.max_length,
                                                    sharding=trainer.batch_sharding, beam_size=_BEAM.value)
-    print(f"{time.strftime('%Y-%m-%d')}: {workdir} ({checkpoint} step {step}), {_SPLIT.value}: {len(sources)} "
-          f"sentences, beam {translator.beam_size}, batches of {translator.batch_size}, alphas "
-          f"{', '.join(f'{a:g}' for a in alphas)}; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
+    print(f"{time.strftime('%Y-%m-%d')}: {where}, beam {translator.beam_size}, batches of {translator.batch_size}, "
+          f"alphas {', '.join(f'{a:g}' for a in alphas)}; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
 
     def each():  # one search per alpha, as before
         return {alpha: translator(params, sources, alpha) for alpha in alphas}

@@ -21,7 +21,6 @@ as before (and as the usual implementations do).
 
 import contextlib
 import itertools
-import os
 import time
 from unittest import mock
 
@@ -29,7 +28,8 @@ import jax
 from absl import flags
 
 from experiments import cli
-from transformer import attention, decoding, evaluation, inference, inputs
+from experiments.benchmarks import trained_run
+from transformer import attention, decoding, evaluation
 from transformer.models import EncoderDecoder
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A translation run's workdir.", required=True)
@@ -98,13 +98,9 @@ def main(argv):
         if set(values) - set(allowed):
             raise cli.UserError(f"--{name}={','.join(values)}: use {' and/or '.join(allowed)}.")
     workdir = _WORKDIR.value
-    checkpoint = "averaged" if os.path.isdir(os.path.join(workdir, "averaged")) else "latest"
-    run, trainer, params, tokenizer, step = inference.load_for_inference(workdir, checkpoint)
-    if run.objective != "translation" or tokenizer is None:
-        raise cli.UserError(f"{workdir} is not a translation run on real data.")
-    sources, references = inputs.eval_inputs(run, tokenizer, _SPLIT.value).eval_texts
-    print(f"{time.strftime('%Y-%m-%d')}: {workdir} ({checkpoint} step {step}), {_SPLIT.value}: {len(sources)} "
-          f"sentences; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
+    run, trainer, params, tokenizer, sources, references, where = trained_run.load_translation_run(
+        workdir, _SPLIT.value)
+    print(f"{time.strftime('%Y-%m-%d')}: {where}; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
     print("| dtype | beam | cache | top-k | encoder keys | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in _DTYPES.value:
