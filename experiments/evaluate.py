@@ -27,7 +27,8 @@ def main(argv):
                                       step=_STEP.value)
     print(f"{result['split']} ({result['checkpoint']} checkpoint, step {result['step']}, "
           f"beam {result['beam_size']}): BLEU {result['bleu']:.2f}  lowercased BLEU {result['bleu_lc']:.2f}  "
-          f"perplexity {result['perplexity']:.2f}  ({result['sentences_per_s']:.1f} sentences/s)")
+          f"perplexity {result['perplexity']:.2f}  length ratio {result['length_ratio']:.3f}  "
+          f"({result['sentences_per_s']:.1f} sentences/s)")
     print(f"sacreBLEU signature: {result['signature']}")
     print(f"sacreBLEU signature (lowercased): {result['signature_lc']}")
 

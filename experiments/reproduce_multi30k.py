@@ -73,7 +73,7 @@ def main(argv):
     steps, _ = inference.average_checkpoints(workdir, _NUM_AVERAGE.value or run.checkpoint.keep)
     print(f"Averaged checkpoints {steps}", flush=True)
     results = dict(train_minutes=train_minutes, steps=steps[-1], averaged=steps, splits={})
-    keys = ("bleu", "bleu_lc", "perplexity", "sentences_per_s", "signature", "signature_lc", "alpha")
+    keys = ("bleu", "bleu_lc", "length_ratio", "perplexity", "sentences_per_s", "signature", "signature_lc", "alpha")
     # Greedy decoding has no length penalty to choose: the config's alpha (unused) stands.
     alphas = alphas if run.decode.beam_size > 1 else [None]
 
@@ -85,7 +85,7 @@ def main(argv):
         on_val = {alphas[0]: scorer.score("validation", alpha=alphas[0])}
     for scores in on_val.values():
         print(f"validation (alpha {scores['alpha']:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU "
-              f"{scores['bleu_lc']:.2f}", flush=True)
+              f"{scores['bleu_lc']:.2f}, length ratio {scores['length_ratio']:.3f}", flush=True)
 
     def evaluate_val(alpha):
         return {k: on_val[alpha][k] for k in keys}
@@ -93,14 +93,16 @@ def main(argv):
     best, search = evaluation.choose_on_val(evaluate_val, alphas)
     results["splits"]["validation"] = search[best]
     if len(search) > 1:
-        results["alpha_search"] = {f"{a:g}": {k: s[k] for k in ("bleu", "bleu_lc")} for a, s in search.items()}
+        results["alpha_search"] = {f"{a:g}": {k: s[k] for k in ("bleu", "bleu_lc", "length_ratio")}
+                                    for a, s in search.items()}
         print(f"Length penalty chosen on val: alpha {best:g}", flush=True)
     if len(alphas) > 1:  # the chosen alpha in each of val's slots: val's compiled searches, no new compile
         scores = scorer.score_alphas("test", [best] * len(alphas), tag="")[best]
     else:
         scores = scorer.score("test", alpha=best)
     results["splits"]["test"] = {k: scores[k] for k in keys}
-    print(f"test (alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}", flush=True)
+    print(f"test (alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}, length ratio "
+          f"{scores['length_ratio']:.3f}", flush=True)
     results["total_minutes"] = (time.time() - start) / 60
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:

@@ -38,6 +38,15 @@ def test_bleu_matches_the_sacrebleu_command_line(tmp_path):
         assert 0 < ours < 100
 
 
+def test_length_ratio_is_hypothesis_over_reference_tokens():
+    """The brevity penalty's lengths: HYPOTHESES have 6 + 6 + 6 tokens (13a splits off the full stop),
+    REFERENCES 5 + 6 + 8."""
+    scores = evaluation.score_translations(HYPOTHESES, REFERENCES, seconds=1.0)
+    assert scores["length_ratio"] == pytest.approx(18 / 19)
+    assert evaluation.score_translations(REFERENCES, REFERENCES, 1.0)["length_ratio"] == 1.0
+    assert scores["bleu_lc"] == pytest.approx(evaluation.bleu(HYPOTHESES, REFERENCES, lowercase=True)[0])
+
+
 def test_checkpoint_averaging_is_the_mean_of_parameters(tmp_path):
     config = copy_config.get_config()
     config.model.num_layers = 1

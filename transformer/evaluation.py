@@ -23,11 +23,17 @@ from transformer import decoding
 LENGTH_MULTIPLE = 8  # inputs are padded to a multiple of this: few distinct shapes, few compiles
 
 
+def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False):
+    """sacreBLEU's corpus score of detokenised text against one reference each: (BLEUScore, signature).
+    The score has `.score`, and `.sys_len` / `.ref_len`, the tokens (13a) the brevity penalty compares."""
+    metric = sacrebleu.metrics.BLEU(lowercase=lowercase)
+    return metric.corpus_score(list(hypotheses), [list(references)]), str(metric.get_signature())
+
+
 def bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False) -> tuple[float, str]:
     """Corpus sacreBLEU of detokenised text against one reference each: (score, signature)."""
-    metric = sacrebleu.metrics.BLEU(lowercase=lowercase)
-    score = metric.corpus_score(list(hypotheses), [list(references)])
-    return score.score, str(metric.get_signature())
+    score, signature = corpus_bleu(hypotheses, references, lowercase=lowercase)
+    return score.score, signature
 
 
 class Translator:
@@ -116,10 +122,13 @@ def batch_shards(sharding) -> int:
 
 
 def score_translations(hypotheses: Sequence[str], references: Sequence[str], seconds: float) -> dict:
-    """Cased and lowercased sacreBLEU of `hypotheses`, and their throughput (decoded in `seconds`)."""
+    """Cased and lowercased sacreBLEU of `hypotheses`, their throughput (decoded in `seconds`), and
+    `length_ratio`: hypothesis / reference length in the lowercased score's tokens, which its brevity
+    penalty compares (below 1 the penalty applies; the length penalty alpha moves it)."""
     cased, signature = bleu(hypotheses, references)
-    lowercased, lc_signature = bleu(hypotheses, references, lowercase=True)
-    return dict(bleu=cased, bleu_lc=lowercased, signature=signature, signature_lc=lc_signature,
+    lowercased, lc_signature = corpus_bleu(hypotheses, references, lowercase=True)
+    return dict(bleu=cased, bleu_lc=lowercased.score, signature=signature, signature_lc=lc_signature,
+                length_ratio=lowercased.sys_len / max(lowercased.ref_len, 1),
                 sentences_per_s=len(hypotheses) / seconds, hypotheses=hypotheses)
 
 
