@@ -119,6 +119,9 @@ def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
     assert results["splits"]["test"]["alpha"] == best
     searched = results["alpha_search"]
     assert searched[f"{best:g}"]["bleu_lc"] == max(s["bleu_lc"] for s in searched.values())
+    for scores in (*searched.values(), *results["splits"].values()):
+        assert scores["length_ratio"] > 0  # hypothesis / reference tokens (the brevity penalty's)
+    assert "length ratio" in result.stdout
     for alpha in ("0.6", "1.5"):
         assert (workdir / "eval" / f"validation.averaged.alpha{alpha}.txt").exists()
     assert f"Training curves: {workdir / 'plots' / 'training.png'}" in result.stdout
