@@ -25,7 +25,7 @@ LENGTH_MULTIPLE = 8  # inputs are padded to a multiple of this: few distinct sha
 
 def corpus_bleu(hypotheses: Sequence[str], references: Sequence[str], *, lowercase: bool = False):
     """sacreBLEU's corpus score of detokenised text against one reference each: (BLEUScore, signature).
-    The score has `.score`, and `.sys_len` / `.ref_len`, the tokens (13a) the brevity penalty compares."""
+    The score has `.score`, and `.ratio`: hypothesis / reference tokens (13a), which the brevity penalty compares."""
     metric = sacrebleu.metrics.BLEU(lowercase=lowercase)
     return metric.corpus_score(list(hypotheses), [list(references)]), str(metric.get_signature())
 
@@ -128,7 +128,7 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str], sec
     cased, signature = bleu(hypotheses, references)
     lowercased, lc_signature = corpus_bleu(hypotheses, references, lowercase=True)
     return dict(bleu=cased, bleu_lc=lowercased.score, signature=signature, signature_lc=lc_signature,
-                length_ratio=lowercased.sys_len / max(lowercased.ref_len, 1),
+                length_ratio=lowercased.ratio,
                 sentences_per_s=len(hypotheses) / seconds, hypotheses=hypotheses)
 
 
