@@ -219,6 +219,79 @@ def test_beams_sharing_their_rows_encoder_keys_equal_beams_with_copies(translati
     assert len(np.unique(np.asarray(shared_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering
 
 
+@pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=True, num_decoder_layers=2), dict(dtype="bfloat16")],
+                         ids=["float32", "scanned_layers", "bfloat16"])
+def test_beam_search_through_a_row_map_equals_moving_the_keys(overrides, monkeypatch):
+    # Beam search keeps each layer's keys where each beam wrote them and reorders a row map
+    # (decoding.add_beam_rows); before (and as usual), the keys themselves moved at every step.
+    # Scanned layers give the map a leading layer axis; bfloat16 keys are gathered as their bits.
+    cfg = tfm.ModelConfig.preset("tiny", vocab_size=24, dropout_rate=0.0, num_encoder_layers=1,
+                                 num_decoder_layers=overrides.pop("num_decoder_layers", 1), **overrides)
+    model = tfm.EncoderDecoder(cfg)
+    inputs = jnp.array([[5, 6, 7, 8, EOS, 0], [9, 10, 11, EOS, 0, 0]])
+    params = model.init(jax.random.key(0), inputs, inputs)["params"]
+    search = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))
+    mapped_tokens, mapped_scores = search(params, inputs)
+    monkeypatch.setattr(decoding, "add_beam_rows", lambda cache, batch_size, beam_size: cache)
+    moved_tokens, moved_scores = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))(params, inputs)
+    np.testing.assert_array_equal(mapped_tokens, moved_tokens)
+    np.testing.assert_array_equal(mapped_scores, moved_scores)
+    assert len(np.unique(np.asarray(mapped_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering
+
+
+def test_a_decoding_step_reads_through_the_row_map_as_through_moved_keys():
+    # One self-attention layer decoded step by step with random beam reorderings: its outputs, its
+    # attention maps and its keys read through the map equal those of a cache whose keys move.
+    b, w, length = 2, 3, 21  # a 16-key block and a tail
+    module = tfm.attention.MultiHeadAttention(num_heads=4, head_dim=8, num_kv_heads=2)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(b * w, length, 16)), jnp.float32)
+    variables = module.init(jax.random.key(0), x, x, decode=True)
+    params, moved = variables["params"], variables["cache"]
+    mapped = decoding.add_beam_rows(moved, b, w)
+    assert mapped["cached_rows"].shape == (b, w, length)
+    for t in range(length):
+        outs, maps = [], []
+        for cache in (moved, mapped):
+            out, mutated = module.apply({"params": params, "cache": cache}, x[:, t:t + 1], x[:, t:t + 1], decode=True,
+                                        decode_index=t, mutable=["cache", "intermediates"])
+            outs.append(out), maps.append(mutated["intermediates"]["attention_weights"][0][..., :t + 1])
+            if cache is moved:
+                moved = mutated["cache"]
+            else:
+                mapped = mutated["cache"]
+        np.testing.assert_allclose(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(maps[1], maps[0], rtol=1e-6, atol=1e-7)
+        source_beam = jnp.asarray(rng.integers(0, w, size=(b, w)), jnp.int32)
+        moved = decoding.reorder_beams(moved, source_beam, live_length=jnp.array(t + 1))
+        written = mapped["cached_key"]
+        mapped = decoding.reorder_beams(mapped, source_beam, live_length=jnp.array(t + 1))
+        np.testing.assert_array_equal(mapped["cached_key"], written)  # only the map moves
+        for name in ("cached_key", "cached_value"):
+            np.testing.assert_array_equal(
+                tfm.attention.beam_rows(mapped[name], mapped["cached_rows"])[:, :t + 1], moved[name][:, :t + 1])
+
+
+@pytest.mark.parametrize("kv_length", [5, None])
+@pytest.mark.parametrize("implementation", ["reference", "chunked", "fused"])
+def test_attention_through_kv_rows_equals_attention_over_the_gathered_keys(kv_length, implementation):
+    # The prefix kernel (kv_length) reads through the map block by block; every other path gathers
+    # the keys and values first.
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(6, 1, 4, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(6, 19, 2, 8)), jnp.float32) for _ in range(2))
+    rows = jnp.asarray(rng.integers(0, 3, size=(2, 3, 19)), jnp.int32)
+    attend = functools.partial(tfm.attention.dot_product_attention, implementation=implementation, kv_length=kv_length,
+                               chunk_size=4)
+    expected = attend(q, tfm.attention.beam_rows(k, rows), tfm.attention.beam_rows(v, rows))
+    np.testing.assert_allclose(attend(q, k, v, kv_rows=rows), expected, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(attend(q, k, v), expected)  # the map matters here
+    with pytest.raises(ValueError, match="do not map"):
+        tfm.attention.beam_rows(k, rows[:, :2])
+    with pytest.raises(ValueError, match="batch_size x beam_size"):
+        decoding.add_beam_rows({"cached_key": k, "cached_value": v}, 2, 2)
+
+
 @pytest.mark.parametrize("penalty", ["gnmt", "power"])
 def test_a_search_over_several_alphas_equals_a_search_per_alpha(translation_model, penalty):
     # The live beams do not depend on alpha; a finished set that can no longer improve stays as it is
@@ -266,6 +339,30 @@ def test_decode_benchmarks_per_beam_baseline_translates_alike(translation_model,
         copied = translate()
     assert encoder_rows == [2, 2 * 3]  # the baseline repeats the encoder's output for each beam
     np.testing.assert_array_equal(shared, copied)
+
+
+def test_decode_benchmarks_moved_keys_baseline_translates_alike(translation_model, monkeypatch):
+    from experiments.benchmarks import decode as bench  # noqa: PLC0415
+
+    model, params, inputs = translation_model
+    with_map = []  # per reordering: did the cache carry a row map?
+    reorder = decoding.reorder_beams
+
+    def recording_reorder(cache, *args, **kwargs):
+        paths = jax.tree_util.tree_flatten_with_path(cache)[0]
+        with_map.append(any(getattr(path[-1], "key", None) == "cached_rows" for path, _ in paths))
+        return reorder(cache, *args, **kwargs)
+
+    monkeypatch.setattr(decoding, "reorder_beams", recording_reorder)
+
+    def translate():
+        return decoding.translate(model, params, inputs, eos_id=EOS, beam_size=3, max_extra_length=6)
+
+    mapped = translate()
+    with bench.moved_keys():
+        moved = translate()
+    assert with_map == [True, False]  # traced once each: the baseline moves the keys, ours the map
+    np.testing.assert_array_equal(mapped, moved)
 
 
 def test_decoding_step_attention_maps_of_shared_encoder_keys_are_per_beam(translation_model):

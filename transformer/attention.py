@@ -55,6 +55,7 @@ def dot_product_attention(
     dropout_rng=None,
     chunk_size: int = 128,
     kv_length=None,
+    kv_rows=None,
 ):
     """softmax(Q K^T / sqrt(d_k) + bias) V over the unmasked keys (paper, eq. 1).
 
@@ -70,6 +71,10 @@ def dot_product_attention(
       kv_length: a traced count: only keys [0, kv_length) exist yet (a decoding step's cache),
         and only the blocks of PREFIX_BLOCK keys that hold them are read (online softmax, as
         "chunked"), whatever the implementation. None = all S keys.
+      kv_rows: beam search's map of a cache that is never reordered, int [B', W, S] with B = B' * W
+        (`beam_rows`): key/value row w of each group of W reads position s from row
+        kv_rows[., w, s] of its group. The prefix kernel reads through it block by block; every
+        other path gathers the keys and values first. None = row b holds row b's keys.
     Returns:
       [B, T, N, H] in the query's dtype.
     """
@@ -80,6 +85,9 @@ def dot_product_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}).")
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
+    if kv_rows is not None and (kv_length is None or use_dropout or implementation == "splash"):
+        key, value = beam_rows(key, kv_rows), beam_rows(value, kv_rows)  # only the prefix kernel reads through it
+        kv_rows = None
     if implementation == "splash" or (implementation == "fused" and _on_tpu() and min(q_len, kv_len) >= SPLASH_BLOCK):
         segments = mask if isinstance(mask, masking.SegmentMask) else masking.SegmentMask() if mask is None else None
         reason = _splash_unsupported(segments, bias, use_dropout)
@@ -109,7 +117,7 @@ def dot_product_attention(
         if x is not None and (x.ndim != 4 or any(d not in (1, f) for d, f in zip(x.shape, full))):
             raise ValueError(f"{name} of shape {x.shape} is not broadcastable to [B, N, T, S] = {list(full)}.")
     if kv_length is not None and not use_dropout:
-        return _prefix_attention(query, key, value, mask, bias, kv_length)
+        return _prefix_attention(query, key, value, mask, bias, kv_length, kv_rows)
     if implementation == "reference" or (implementation == "fused" and use_dropout):
         # NOTE: jax.nn.dot_product_attention has no dropout, so training with attention dropout
         # takes the reference path.
@@ -346,12 +354,27 @@ def _online_softmax_output(denominator, acc, dtype):
 PREFIX_BLOCK = 16  # keys per block of `_prefix_attention`
 
 
-def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PREFIX_BLOCK):
+def beam_rows(x, rows):
+    """x [B' * W, S, ...] read through beam search's row map rows [B', W, S] -> [B' * W, S, ...]:
+    row w of each group of W takes position s from row rows[., w, s] of the same group (never from
+    another group, so with the batch split over devices nothing moves between them). None = x."""
+    if rows is None:
+        return x
+    groups, beams, length = rows.shape
+    if x.shape[:2] != (groups * beams, length):
+        raise ValueError(f"beam rows {rows.shape} do not map a cache of shape {x.shape}: [B' * W, S, ...] expected.")
+    grouped = x.reshape(groups, beams, *x.shape[1:])
+    index = rows.reshape(groups, beams, length, *([1] * (x.ndim - 2)))
+    return jnp.take_along_axis(grouped, index, axis=1, mode="clip").reshape(x.shape)
+
+
+def _prefix_attention(query, key, value, mask, bias, kv_length, kv_rows=None, block: int = PREFIX_BLOCK):
     """Attention over keys [0, kv_length) only, a block of keys at a time (online softmax).
 
     A decoding step then reads the keys and values written so far rather than the whole cache.
     Blocks start at multiples of `block`; the last one is moved back to end at S (its keys already
-    seen are masked out), so S need not be a multiple of `block`.
+    seen are masked out), so S need not be a multiple of `block`. With `kv_rows` [B', W, S] each
+    block is gathered through beam search's row map (`beam_rows`) as it is read.
     """
     batch, q_len, num_heads, head_dim = query.shape
     kv_len, num_kv_heads = key.shape[1], key.shape[2]
@@ -371,7 +394,9 @@ def _prefix_attention(query, key, value, mask, bias, kv_length, block: int = PRE
         live = (positions >= first) & (positions < kv_length)  # [block]
         if mask is not None:
             live = live & keys(mask, start)
-        k, v = (precision.from_bits(jax.lax.dynamic_slice_in_dim(precision.as_bits(x), start, block, axis=1), x.dtype)
+        rows = None if kv_rows is None else jax.lax.dynamic_slice_in_dim(kv_rows, start, block, axis=2)
+        k, v = (precision.from_bits(beam_rows(jax.lax.dynamic_slice_in_dim(precision.as_bits(x), start, block, axis=1),
+                                              rows), x.dtype)
                 for x in (key, value))  # sliced as bits: bfloat16 is not converted whole on CPU
         logits = precision.einsum("BTKGH,BSKH->BKGTS", query, k, query.dtype, out_dtype=jnp.float32)
         if bias is not None:
@@ -549,9 +574,9 @@ class MultiHeadAttention(nn.Module):
             query = _fold_beams(query, beams)
             mask, bias = _row_mask(mask, "mask", key.shape[0]), _row_mask(bias, "bias", key.shape[0])
 
-        kv_length = None
+        kv_length = kv_rows = None
         if decode:
-            key, value = self._update_cache(key, value, decode_index)
+            key, value, kv_rows = self._update_cache(key, value, decode_index)
             if decode_index is not None:
                 kv_length = decode_index + query.shape[1]  # cache positions written so far
 
@@ -570,11 +595,11 @@ class MultiHeadAttention(nn.Module):
             out = dot_product_attention(
                 query, key, value, mask, bias, implementation="reference" if shared_qk else self.implementation,
                 dropout_rate=self.dropout_rate, dropout_rng=dropout_rng, chunk_size=self.chunk_size,
-                kv_length=kv_length)  # [B, T, N, H]
+                kv_length=kv_length, kv_rows=kv_rows)  # [B, T, N, H]
         if self.is_mutable_collection("intermediates") and not lsh:
             # Attention maps, only when the caller asks for them (`apply(..., mutable=["intermediates"])`):
             # otherwise nothing here is traced and the model compiles exactly as without this branch.
-            weights = attention_weights(query, key, mask, bias, kv_length=kv_length)  # [B, N, T, S]
+            weights = attention_weights(query, beam_rows(key, kv_rows), mask, bias, kv_length=kv_length)  # [B, N, T, S]
             if beams > 1:  # [B, N, W * T, S] -> [B * W, N, T, S]
                 rows, heads, _, keys = weights.shape
                 weights = weights.reshape(rows, heads, beams, -1, keys).swapaxes(1, 2).reshape(
@@ -606,22 +631,34 @@ class MultiHeadAttention(nn.Module):
         return key.value, value.value
 
     def _update_cache(self, key, value, decode_index):
-        """Writes [B, T, K, H] keys/values at `decode_index`; returns the whole cache [B, S, K, H].
+        """Writes [B, T, K, H] keys/values at `decode_index`; returns the whole cache [B, S, K, H] and
+        beam search's row map [B', W, S] (None outside beam search).
 
         The first call (during `init`) sizes the cache from the given keys and leaves it empty.
         16-bit keys and values are stored as their bits (`precision.as_bits`), so that on CPU the
         write stays in place rather than converting and copying the whole cache at every step.
+        Beam search adds the row map (`decoding.add_beam_rows`) and reorders it, never the keys: each
+        beam writes its keys into its own row, and reads earlier positions through the map.
         """
         initialized = self.has_variable("cache", "cached_key")
         cached_key = self.variable("cache", "cached_key", lambda: precision.as_bits(jnp.zeros(key.shape, key.dtype)))
         cached_value = self.variable("cache", "cached_value",
                                      lambda: precision.as_bits(jnp.zeros(value.shape, value.dtype)))
         if not initialized:
-            return key, value
+            return key, value, None
         start = (0, decode_index, 0, 0)
         for cached, new in ((cached_key, key), (cached_value, value)):
             cached.value = jax.lax.dynamic_update_slice(cached.value, precision.as_bits(new), start)
-        return precision.from_bits(cached_key.value, key.dtype), precision.from_bits(cached_value.value, value.dtype)
+        rows = None
+        if self.has_variable("cache", "cached_rows"):
+            cached_rows = self.variable("cache", "cached_rows")
+            groups, beams, _ = cached_rows.value.shape
+            own = jnp.broadcast_to(jnp.arange(beams, dtype=cached_rows.value.dtype)[None, :, None],
+                                   (groups, beams, key.shape[1]))  # the positions just written: each beam's own row
+            cached_rows.value = jax.lax.dynamic_update_slice(cached_rows.value, own, (0, 0, decode_index))
+            rows = cached_rows.value
+        return (precision.from_bits(cached_key.value, key.dtype), precision.from_bits(cached_value.value, value.dtype),
+                rows)
 
 
 def _beams_per_row(query_rows: int, key_rows: int) -> int:

@@ -16,7 +16,10 @@ positions written so far in self-attention, and moves only those when beams are 
 over beam x vocabulary both ways: `decoding.chunked_top_k` (ours) and `jax.lax.top_k` over all of it.
 `--encoder_keys=shared,per_beam` times beam search with the encoder's cached keys and values kept
 once per sentence, the W beams attending to them as W queries (ours), and repeated for each beam,
-as before (and as the usual implementations do).
+as before (and as the usual implementations do). `--beam_keys=mapped,moved` times beam search
+with each layer's keys left where each beam wrote them and a row map reordered
+(`decoding.add_beam_rows`, ours) and with the keys themselves moved at every step, as before (and as
+the usual implementations do).
 """
 
 import contextlib
@@ -43,6 +46,8 @@ _TOP_K = flags.DEFINE_list("top_k", ["chunked"], "Beam search's top-k over beam 
                            "(decoding.chunked_top_k) and/or full (jax.lax.top_k over all candidates, as before).")
 _ENCODER_KEYS = flags.DEFINE_list("encoder_keys", ["shared"], "Beam search's cached encoder keys and values: "
                                   "shared (one copy per sentence) and/or per_beam (repeated for each beam, as before).")
+_BEAM_KEYS = flags.DEFINE_list("beam_keys", ["mapped"], "Beam search's reordering of the decoder's cached keys: mapped "
+                               "(a row map is reordered, the keys stay) and/or moved (the keys move, as before).")
 
 
 @contextlib.contextmanager
@@ -78,6 +83,13 @@ def per_beam_encoder_keys():
 
 
 @contextlib.contextmanager
+def moved_keys():
+    """Beam search as before: no row map, so each reordering moves the keys and values written so far."""
+    with mock.patch.object(decoding, "add_beam_rows", lambda cache, batch_size, beam_size: cache):
+        yield
+
+
+@contextlib.contextmanager
 def full_top_k():
     """Beam search's top-k as before: `jax.lax.top_k` over all beam x vocabulary candidates."""
     with mock.patch.object(decoding, "chunked_top_k", lambda x, k: jax.lax.top_k(x, k)):
@@ -94,24 +106,28 @@ def main(argv):
     del argv
     for name, values, allowed in (("caches", _CACHES.value, ("live", "whole")),
                                   ("top_k", _TOP_K.value, ("chunked", "full")),
-                                  ("encoder_keys", _ENCODER_KEYS.value, ("shared", "per_beam"))):
+                                  ("encoder_keys", _ENCODER_KEYS.value, ("shared", "per_beam")),
+                                  ("beam_keys", _BEAM_KEYS.value, ("mapped", "moved"))):
         if set(values) - set(allowed):
             raise cli.UserError(f"--{name}={','.join(values)}: use {' and/or '.join(allowed)}.")
     workdir = _WORKDIR.value
     run, trainer, params, tokenizer, sources, references, where = trained_run.load_translation_run(
         workdir, _SPLIT.value)
     print(f"{time.strftime('%Y-%m-%d')}: {where}; JAX {jax.__version__} on {jax.devices()[0].device_kind}")
-    print("| dtype | beam | cache | top-k | encoder keys | batch | sentences/s | compile s | BLEU lc | BLEU cased |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| dtype | beam | cache | top-k | encoder keys | beam keys | batch | sentences/s | compile s | BLEU lc | "
+          "BLEU cased |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for dtype in _DTYPES.value:
         model = EncoderDecoder(trainer.model.config.replace(dtype=dtype))
         for beam in (int(b) for b in _BEAMS.value):
             beam_only = (lambda values: values) if beam > 1 else (lambda values: ["-"])
-            for cache, top_k, keys in itertools.product(_CACHES.value, beam_only(_TOP_K.value),
-                                                        beam_only(_ENCODER_KEYS.value)):
+            for cache, top_k, keys, beam_keys in itertools.product(_CACHES.value, beam_only(_TOP_K.value),
+                                                                   beam_only(_ENCODER_KEYS.value),
+                                                                   beam_only(_BEAM_KEYS.value)):
                 with (trainer.context(), whole_cache() if cache == "whole" else contextlib.nullcontext(),
                       full_top_k() if top_k == "full" else contextlib.nullcontext(),
-                      per_beam_encoder_keys() if keys == "per_beam" else contextlib.nullcontext()):
+                      per_beam_encoder_keys() if keys == "per_beam" else contextlib.nullcontext(),
+                      moved_keys() if beam_keys == "moved" else contextlib.nullcontext()):
                     translator = evaluation.Translator.from_config(
                         model, tokenizer, run.decode, max_input_length=run.data.max_length,
                         sharding=trainer.batch_sharding, beam_size=beam, batch_size=_BATCH.value)
@@ -119,7 +135,7 @@ def main(argv):
                     hypotheses, second = timed_pass(translator, params, sources)
                 cased, _ = evaluation.bleu(hypotheses, references)
                 lowercased, _ = evaluation.bleu(hypotheses, references, lowercase=True)
-                print(f"| {dtype} | {beam} | {cache} | {top_k} | {keys} | {translator.batch_size} | "
+                print(f"| {dtype} | {beam} | {cache} | {top_k} | {keys} | {beam_keys} | {translator.batch_size} | "
                       f"{len(sources) / second:.1f} | {max(first - second, 0.0):.1f} | {lowercased:.2f} | "
                       f"{cased:.2f} |", flush=True)
 
