@@ -273,7 +273,7 @@ def test_a_decoding_step_reads_through_the_row_map_as_through_moved_keys():
 
 
 @pytest.mark.parametrize("kv_length", [5, None])
-@pytest.mark.parametrize("implementation", ["reference", "chunked", "fused"])
+@pytest.mark.parametrize("implementation", ["reference", "chunked", "fused", "splash"])
 def test_attention_through_kv_rows_equals_attention_over_the_gathered_keys(kv_length, implementation):
     # The prefix kernel (kv_length) reads through the map block by block; every other path gathers
     # the keys and values first.

@@ -85,10 +85,12 @@ def dot_product_attention(
     if num_heads % num_kv_heads:
         raise ValueError(f"query heads ({num_heads}) must be a multiple of key/value heads ({num_kv_heads}).")
     use_dropout = dropout_rate > 0.0 and dropout_rng is not None
-    if kv_rows is not None and (kv_length is None or use_dropout or implementation == "splash"):
+    splash_first = implementation == "splash" or (
+        implementation == "fused" and _on_tpu() and min(q_len, kv_len) >= SPLASH_BLOCK)
+    if kv_rows is not None and (kv_length is None or use_dropout or splash_first):
         key, value = beam_rows(key, kv_rows), beam_rows(value, kv_rows)  # only the prefix kernel reads through it
         kv_rows = None
-    if implementation == "splash" or (implementation == "fused" and _on_tpu() and min(q_len, kv_len) >= SPLASH_BLOCK):
+    if splash_first:
         segments = mask if isinstance(mask, masking.SegmentMask) else masking.SegmentMask() if mask is None else None
         reason = _splash_unsupported(segments, bias, use_dropout)
         if reason is None:

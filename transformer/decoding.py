@@ -67,10 +67,11 @@ def add_beam_rows(cache, batch_size: int, beam_size: int):
     reorders the map, not the keys and values.
 
     Beam w of batch row b reads cached position s from beam `cached_rows[b, w, s]` of the same row
-    (`attention.beam_rows`) and writes its new keys into its own cache row, where no other beam
-    reads them until they are its ancestor's. A reordering step then moves [B, W, S] int32 instead
-    of every layer's keys and values written so far (~3x less time in a Multi30k self-attention
-    step at beam 5 on CPU: docs/speed.md).
+    (`attention.beam_rows`) and writes its new keys into its own cache row; other beams read them
+    only once that beam is their ancestor. A reordering step then moves [B, W, S] int32 instead of
+    every layer's keys and values written so far (~3x less time in a Multi30k self-attention step at
+    beam 5 on CPU: docs/speed.md). A cache that is not a dict (a flax FrozenDict) is returned as it
+    is, and its keys move as before.
     """
     def add(tree):
         if not isinstance(tree, dict):
@@ -84,7 +85,7 @@ def add_beam_rows(cache, batch_size: int, beam_size: int):
                                                    (*leading, batch_size, beam_size, length))
         return tree
 
-    return add(dict(cache))
+    return add(cache)
 
 
 def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLOCK):
