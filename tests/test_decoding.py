@@ -221,7 +221,7 @@ def test_beams_sharing_their_rows_encoder_keys_equal_beams_with_copies(translati
 
 @pytest.mark.parametrize("overrides", [dict(), dict(scan_layers=True, num_decoder_layers=2), dict(dtype="bfloat16")],
                          ids=["float32", "scanned_layers", "bfloat16"])
-def test_beam_search_through_a_row_map_equals_moving_the_keys(overrides, monkeypatch):
+def test_beam_search_through_a_row_map_equals_moving_the_keys(overrides):
     # Beam search keeps each layer's keys where each beam wrote them and reorders a row map
     # (decoding.add_beam_rows); before (and as usual), the keys themselves moved at every step.
     # Scanned layers give the map a leading layer axis; bfloat16 keys are gathered as their bits.
@@ -230,10 +230,11 @@ def test_beam_search_through_a_row_map_equals_moving_the_keys(overrides, monkeyp
     model = tfm.EncoderDecoder(cfg)
     inputs = jnp.array([[5, 6, 7, 8, EOS, 0], [9, 10, 11, EOS, 0, 0]])
     params = model.init(jax.random.key(0), inputs, inputs)["params"]
-    search = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))
-    mapped_tokens, mapped_scores = search(params, inputs)
-    monkeypatch.setattr(decoding, "add_beam_rows", lambda cache, batch_size, beam_size: cache)
-    moved_tokens, moved_scores = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))(params, inputs)
+    from experiments.benchmarks import decode as bench  # noqa: PLC0415
+
+    mapped_tokens, mapped_scores = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))(params, inputs)
+    with bench.moved_keys():  # no row map: the keys move
+        moved_tokens, moved_scores = jax.jit(lambda p, x: _beams(model, p, x, 3, 14))(params, inputs)
     np.testing.assert_array_equal(mapped_tokens, moved_tokens)
     np.testing.assert_array_equal(mapped_scores, moved_scores)
     assert len(np.unique(np.asarray(mapped_tokens[:, :, 0]))) > 1  # the beams differ: a real reordering

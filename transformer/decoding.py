@@ -111,19 +111,10 @@ def reorder_beams(cache, source_beam, live_length=None, block: int = REORDER_BLO
                          out_axes=axis)(rows, source_beam)
         return taken.reshape(x.shape)
 
-    mapped = set()  # the paths of layers with a row map: their keys and values stay where they are
-
-    def find_maps(tree, path=()):
-        if isinstance(tree, dict):
-            if "cached_rows" in tree:
-                mapped.add(path)
-            for name, sub in tree.items():
-                find_maps(sub, path + (name,))
-
-    find_maps(cache)
     leaves, treedef = jax.tree_util.tree_flatten_with_path(cache)
     names = [tuple(getattr(p, "key", None) for p in path) for path, _ in leaves]
     leaves = [leaf for _, leaf in leaves]
+    mapped = {name[:-1] for name in names if name[-1] == "cached_rows"}  # layers whose keys stay where they are
     for i, name in enumerate(names):
         if name[-1] == "cached_rows":  # [..., B, W, S]
             source = source_beam.reshape((1,) * (leaves[i].ndim - 3) + (b, w, 1))
