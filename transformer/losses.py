@@ -116,6 +116,9 @@ def _fused_forward(features, projection, targets, weights, label_smoothing, dtyp
     vocab_size = projection.shape[0]
     confidence, low, normalizing_constant = _smoothed_target(label_smoothing, vocab_size)
     w16 = projection.astype(dtype)
+    # sum_V logits = y . sum_V W: the label-smoothing term's sum over the vocabulary without a pass
+    # over each block's logits.
+    w_sum = jnp.sum(w16.astype(jnp.float32), axis=0)  # [D]
     num_blocks = length // block
 
     def blocks(x):  # [B, T, ...] -> [T / block, B, block, ...]
@@ -125,14 +128,17 @@ def _fused_forward(features, projection, targets, weights, label_smoothing, dtyp
         y, t, w = xs  # [B, c, D], [B, c], [B, c]
         y16 = y.astype(dtype)
         logits = jnp.einsum("BcD,VD->BcV", y16, w16, preferred_element_type=jnp.float32)  # [B, c, V]
-        shifted = logits - jnp.max(logits, axis=-1, keepdims=True)
+        max_logit = jnp.max(logits, axis=-1)  # [B, c]
+        shifted = logits - max_logit[..., None]
         exp = jnp.exp(shifted)
         sum_exp = jnp.sum(exp, axis=-1)  # [B, c]
         log_normalizer = jnp.log(sum_exp)
-        is_target = jnp.arange(vocab_size) == t[..., None]  # [B, c, V], fused, never stored
-        target_shifted = jnp.sum(jnp.where(is_target, shifted, 0.0), axis=-1)
+        # The target's logit read from the block (B x c elements), not a masked sum over all of it.
+        target_shifted = jnp.take_along_axis(shifted, t[..., None], axis=-1)[..., 0]
         nll = log_normalizer - target_shifted
-        sum_log_probs = jnp.sum(shifted, axis=-1) - vocab_size * log_normalizer
+        sum_logits = jnp.einsum("BcD,D->Bc", y16.astype(jnp.float32), w_sum)
+        sum_log_probs = sum_logits - vocab_size * (max_logit + log_normalizer)
+        is_target = jnp.arange(vocab_size) == t[..., None]  # [B, c, V], fused into the gradient, never stored
         cross_entropy = (confidence - low) * nll - low * sum_log_probs
         sums = jnp.stack([jnp.sum((cross_entropy - normalizing_constant) * w), jnp.sum(nll * w),
                           jnp.sum((target_shifted >= 0.0) * w)])
