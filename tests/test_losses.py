@@ -182,8 +182,10 @@ def test_mlm_is_deterministic_in_rng():
     assert not np.array_equal(first[0], other[0])
 
 
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])  # the target's logit gathered on CPU, a masked sum elsewhere
 @pytest.mark.parametrize("chunk_tokens", [1, 6, 7, 1000])  # one position per block, uneven, whole
-def test_projected_statistics_equal_those_of_the_full_logits(chunk_tokens):
+def test_projected_statistics_equal_those_of_the_full_logits(chunk_tokens, platform, monkeypatch):
+    monkeypatch.setattr(losses.runtime, "trace_platform", lambda: platform)
     rng = np.random.default_rng(3)
     features = rng.normal(size=(3, 7, 5)).astype(np.float32)
     projection = rng.normal(size=(11, 5)).astype(np.float32)

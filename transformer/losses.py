@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer import precision
+from transformer import precision, runtime
 
 
 def default_weights(targets, weights=None):
@@ -119,6 +119,7 @@ def _fused_forward(features, projection, targets, weights, label_smoothing, dtyp
     # sum_V logits = y . sum_V W: the label-smoothing term's sum over the vocabulary without a pass
     # over each block's logits.
     w_sum = jnp.sum(w16.astype(jnp.float32), axis=0)  # [D]
+    on_cpu = runtime.trace_platform() == "cpu"
     num_blocks = length // block
 
     def blocks(x):  # [B, T, ...] -> [T / block, B, block, ...]
@@ -133,12 +134,14 @@ def _fused_forward(features, projection, targets, weights, label_smoothing, dtyp
         exp = jnp.exp(shifted)
         sum_exp = jnp.sum(exp, axis=-1)  # [B, c]
         log_normalizer = jnp.log(sum_exp)
-        # The target's logit read from the block (B x c elements), not a masked sum over all of it.
-        target_shifted = jnp.take_along_axis(shifted, t[..., None], axis=-1)[..., 0]
+        is_target = jnp.arange(vocab_size) == t[..., None]  # [B, c, V], fused, never stored
+        if on_cpu:  # the target's logit read from the block (B x c elements): one pass over it fewer
+            target_shifted = jnp.take_along_axis(shifted, t[..., None], axis=-1)[..., 0]
+        else:  # a masked sum, which fuses with the other passes and suits a vocabulary sharded over devices
+            target_shifted = jnp.sum(jnp.where(is_target, shifted, 0.0), axis=-1)
         nll = log_normalizer - target_shifted
-        sum_logits = jnp.einsum("BcD,D->Bc", y16.astype(jnp.float32), w_sum)
+        sum_logits = jnp.einsum("BcD,D->Bc", y16.astype(jnp.float32), w_sum, precision=jax.lax.Precision.HIGHEST)
         sum_log_probs = sum_logits - vocab_size * (max_logit + log_normalizer)
-        is_target = jnp.arange(vocab_size) == t[..., None]  # [B, c, V], fused into the gradient, never stored
         cross_entropy = (confidence - low) * nll - low * sum_log_probs
         sums = jnp.stack([jnp.sum((cross_entropy - normalizing_constant) * w), jnp.sum(nll * w),
                           jnp.sum((target_shifted >= 0.0) * w)])
