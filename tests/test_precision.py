@@ -1,4 +1,5 @@
-"""precision.einsum: float32 is jnp.einsum; bfloat16 has float32 accumulation and true gradients."""
+"""precision.einsum: float32 is jnp.einsum; bfloat16 has float32 accumulation and true gradients.
+precision.project: einsum, its float32 gradient on CPU reading stored operands."""
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,43 @@ def test_bfloat16_values_and_gradients_match_float32_to_bfloat16_precision(spec,
         assert g.dtype == jnp.float32 and g.shape == w.shape  # float32 master weights get float32 gradients
         scale = float(jnp.max(jnp.abs(w)))
         np.testing.assert_allclose(g, w, atol=3e-2 * scale)
+
+
+PROJECTIONS = [spec for spec in SPECS if spec[0] in ("BTD,DF->BTF", "BTD,DNH->BTNH", "BTNH,NHD->BTD", "...i,io->...o")]
+
+
+def _barriers(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("optimization_barrier")
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu"])
+@pytest.mark.parametrize("spec,shape_x,shape_y", PROJECTIONS)
+def test_project_float32_values_and_gradients_are_einsums(monkeypatch, spec, shape_x, shape_y, platform):
+    """On CPU the gradient reads stored operands (barriers), elsewhere it is einsum's: the same numbers."""
+    monkeypatch.setattr(precision.runtime, "trace_platform", lambda: platform)
+    x, y = _operands(shape_x, shape_y)
+    expected = jnp.einsum(spec, x, y)
+    np.testing.assert_allclose(precision.project(spec, x, y), expected, rtol=1e-6, atol=1e-6)
+    probe = jax.random.normal(jax.random.PRNGKey(1), expected.shape)
+    grad = jax.grad(_loss, argnums=(1, 2))
+    got = grad(lambda a, b: precision.project(spec, a, b), x, y, probe)
+    want = grad(lambda a, b: jnp.einsum(spec, a, b), x, y, probe)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == jnp.float32 and g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    barriers = _barriers(lambda a, b: grad(lambda a, b: precision.project(spec, a, b), a, b, probe), x, y)
+    assert barriers == (1 if platform == "cpu" else 0)
+
+
+def test_project_in_bfloat16_is_einsum_without_barriers():
+    spec, shape_x, shape_y = SPECS[0]
+    x, y = _operands(shape_x, shape_y)
+    out = precision.project(spec, x, y, jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, precision.einsum(spec, x, y, jnp.bfloat16))
+    probe = jnp.ones(out.shape)
+    assert _barriers(jax.grad(lambda a: _loss(lambda a, b: precision.project(spec, a, b, jnp.bfloat16), a, y, probe)),
+                     x) == 0
 
 
 def test_bfloat16_operands_get_bfloat16_gradients_and_out_dtype_is_honoured():

@@ -619,7 +619,7 @@ class MultiHeadAttention(nn.Module):
         return self.param(name, nn.with_logical_partitioning(nn.initializers.zeros, axes), shape, jnp.float32)
 
     def _project(self, equation, x, kernel, bias):
-        y = precision.einsum(equation, x, kernel, self.dtype)
+        y = precision.project(equation, x, kernel, self.dtype)
         return y if bias is None else precision.add_bias(y, bias)
 
     def _static_keys_values(self, inputs_kv, key_weights, value_weights):

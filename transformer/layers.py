@@ -53,7 +53,7 @@ class FeedForward(nn.Module):
 def dense(module, name, x, features, axes, use_bias, *, bias_name=None):
     """x [..., in] @ W [in, out] (+ b): float32 parameters of `module`, computed in x's dtype."""
     kernel = dense_kernel(module, name, (x.shape[-1], features), axes)
-    y = precision.einsum("...i,io->...o", x, kernel, x.dtype)
+    y = precision.project("...i,io->...o", x, kernel, x.dtype)
     if use_bias:
         bias = module.param(bias_name or f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]),
                             (features,))

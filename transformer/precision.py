@@ -11,6 +11,9 @@ cotangent by a 16-bit operand, which XLA promotes to a float32 product, so the b
 run at float32 speed. On CPUs with AMX or AVX-512 BF16, XLA's bf16 x bf16 -> f32 kernels run 3-5x
 faster than float32 ones (`python -m experiments.benchmarks.compare --dtype=bfloat16` prints the
 rate it measures); on TPU and GPU this is what their matrix units do anyway.
+
+`project(spec, x, kernel, dtype)` is `einsum` for a layer's input times its weights; on CPU in
+float32 its gradient products read stored operands (see there).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import string
 
 import jax
 import jax.numpy as jnp
+
+from transformer import runtime
 
 
 def einsum(spec: str, x, y, dtype=jnp.float32, out_dtype=None):
@@ -42,6 +47,42 @@ def einsum(spec: str, x, y, dtype=jnp.float32, out_dtype=None):
             raise ValueError(f"einsum {spec!r}: every axis of the {name} operand must appear in the other "
                              "operand or the output (sum it out before the product).")
     return _mixed_einsum(spec, dtype, out_dtype, x, y)
+
+
+def project(spec: str, x, kernel, dtype=jnp.float32):
+    """`einsum(spec, x, kernel, dtype)` for a layer's input times its weights (the dense layers' and
+    attention's projections).
+
+    On CPU in float32 the two gradient products read the incoming gradient and the input as they
+    are stored (`jax.lax.optimization_barrier` on each). Left free, XLA recomputes the input's
+    cheap producers (LayerNorm, dropout's hash, ReLU) and the gradient's (LayerNorm's backward)
+    inside the transposing copy that the weight gradient's product needs, element by element in
+    the transposed, strided order. In the Multi30k float32 step that made the step ~6% slower
+    (2026-12-02, `docs/speed.md`). Elsewhere, and in 16-bit dtypes (whose custom gradient stores
+    16-bit operands), this is `einsum`.
+    """
+    if jnp.dtype(dtype) == jnp.float32 and runtime.trace_platform() == "cpu":
+        return _stored_operands_einsum(_expand_ellipsis(spec, x.ndim), x.astype(jnp.float32),
+                                       kernel.astype(jnp.float32))
+    return einsum(spec, x, kernel, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _stored_operands_einsum(spec, x, y):
+    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+
+
+def _stored_operands_forward(spec, x, y):
+    return _stored_operands_einsum(spec, x, y), (x, y)
+
+
+def _stored_operands_backward(spec, residuals, grad):
+    x, y = residuals
+    x, grad = jax.lax.optimization_barrier((x, grad))
+    return _gradient_products(spec, x, y, grad)
+
+
+_stored_operands_einsum.defvjp(_stored_operands_forward, _stored_operands_backward)
 
 
 def _expand_ellipsis(spec: str, ndim: int) -> str:
@@ -72,17 +113,22 @@ def _forward(spec, dtype, out_dtype, x, y):
 
 def _backward(spec, dtype, out_dtype, residuals, grad):
     x16, y16, x_like, y_like = residuals
+    dx, dy = _gradient_products(spec, x16, y16, grad.astype(dtype))
+    return dx.astype(x_like.dtype), dy.astype(y_like.dtype)
+
+
+def _gradient_products(spec, x, y, grad):
+    """The gradients (float32) of sum(grad * einsum(spec, x, y)) with respect to x and y."""
     inputs, out = spec.split("->")
     lhs, rhs = inputs.split(",")
-    grad = grad.astype(dtype)
     # d/dx sum(g * einsum(x, y)) = einsum(g, y) over the axes x lacks, and likewise for y.
-    dx = jnp.einsum(f"{out},{rhs}->{lhs}", grad, y16, preferred_element_type=jnp.float32)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", grad, y, preferred_element_type=jnp.float32)
     # The weight gradient, a sum over the leading batch and length axes, in the layout XLA picks: in
     # the whole step that beat copying the activations to [D, B*T] first for XNNPACK's fast form
     # (the Multi30k step 3% and base_32k 10% faster in bfloat16, equal in float32, 2026-12-01),
     # though alone the product runs ~4x slower so.
-    dy = jnp.einsum(f"{lhs},{out}->{rhs}", x16, grad, preferred_element_type=jnp.float32)
-    return dx.astype(x_like.dtype), dy.astype(y_like.dtype)
+    dy = jnp.einsum(f"{lhs},{out}->{rhs}", x, grad, preferred_element_type=jnp.float32)
+    return dx, dy
 
 
 def leading_contraction(x, y):
