@@ -52,6 +52,12 @@ def flops(equation: str, left: tuple[int, int], right: tuple[int, int]) -> int:
     return 2 * sizes["t"] * sizes["k"] * sizes["n"]
 
 
+def rate(gflops: float) -> str:
+    """GFLOP/s for the table: whole numbers, or two significant digits below 10 (bfloat16 products
+    emulated on a CPU without bfloat16 instructions can run below 1)."""
+    return f"{gflops:,.0f}" if gflops >= 10 else f"{gflops:.2g}"
+
+
 def best_seconds(fn, repeats: int, rounds: int) -> float:
     """Seconds per call of `fn()`, the best of `rounds` rounds of `repeats` calls (after one warm-up call)."""
     jax.block_until_ready(fn())
@@ -91,7 +97,7 @@ def main(argv):
             ours = work / best_seconds(jax_product(equation, left, right, dtype), _REPEATS.value, _ROUNDS.value)
             theirs = work / best_seconds(torch_product(equation, left, right, dtype), _REPEATS.value, _ROUNDS.value)
             operands = f"`{equation}` {list(left)} {list(right)}"
-            print(f"| {shape} | {name} | {operands} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.2f}x |",
+            print(f"| {shape} | {name} | {operands} | {rate(ours)} | {rate(theirs)} | {ours / theirs:.2f}x |",
                   flush=True)
 
 
