@@ -57,9 +57,9 @@ def project(spec: str, x, kernel, dtype=jnp.float32):
     are stored (`jax.lax.optimization_barrier` on each). Left free, XLA recomputes the input's
     cheap producers (LayerNorm, dropout's hash, ReLU) and the gradient's (LayerNorm's backward)
     inside the transposing copy that the weight gradient's product needs, element by element in
-    the transposed, strided order. In the Multi30k float32 step that made the step ~6% slower
-    (2026-12-02, `docs/speed.md`). Elsewhere, and in 16-bit dtypes (whose custom gradient stores
-    16-bit operands), this is `einsum`.
+    the transposed, strided order: the float32 train step ran 6% (Multi30k) to 8% (base_32k)
+    slower so (2026-12-02, `docs/speed.md`). Elsewhere, and in 16-bit dtypes (whose custom
+    gradient stores 16-bit operands), this is `einsum`.
     """
     if jnp.dtype(dtype) == jnp.float32 and runtime.trace_platform() == "cpu":
         return _stored_operands_einsum(_expand_ellipsis(spec, x.ndim), x.astype(jnp.float32),
