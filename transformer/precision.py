@@ -69,7 +69,7 @@ def project(spec: str, x, kernel, dtype=jnp.float32):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _stored_operands_einsum(spec, x, y):
-    return jnp.einsum(spec, x, y, preferred_element_type=jnp.float32)
+    return _product(spec, jnp.float32, jnp.float32, x, y)
 
 
 def _stored_operands_forward(spec, x, y):
