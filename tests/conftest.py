@@ -2,6 +2,12 @@
 
 Eight simulated CPU devices let sharding tests build real meshes; the flag must be set before JAX
 initialises its backend, hence here, before any test module imports jax.
+
+Compiled programs go to a persistent cache in the repository (`.jax_test_cache/`, ignored by git):
+many tests compile the same small model, in both xdist workers, in the subprocesses the end-to-end
+tests start (they inherit these variables) and again in the slow run after the default one. XLA
+compiles each once; the rest load it. The cache is keyed on the program, the compiler flags and
+the devices, so a changed program recompiles. `JAX_COMPILATION_CACHE_DIR=` (empty) turns it off.
 """
 
 import gzip
@@ -9,10 +15,13 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_test_cache"))
+# Cache every program, however fast it compiled: the tests compile hundreds of small ones.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import pytest  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
