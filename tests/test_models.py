@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import transformer as tfm
-from transformer import decoding
+from transformer import decoding, runtime
 
 VOCAB = 40
 POSITIONS = ("sinusoidal", "learned", "rope", "relative", "alibi")
@@ -235,6 +235,24 @@ def test_variant_jits_differentiates_and_runs_in_bfloat16(model_cls, variant):
     assert logits.dtype == jnp.float32 and logits.shape == (2, 6, VOCAB)
     reference = jax.jit(model.apply)({"params": params}, *args)
     np.testing.assert_allclose(logits, reference, atol=0.25)  # bfloat16 keeps ~3 significant digits
+
+
+def test_auto_dtype_computes_in_bfloat16_only_where_it_is_fast(monkeypatch):
+    cfg = tiny(num_encoder_layers=1, num_decoder_layers=1)
+    _, params, _ = built(tfm.EncoderDecoder, cfg)
+    x = tokens(7, (2, 6))
+
+    def logits(dtype):
+        return jax.jit(tfm.EncoderDecoder(cfg.replace(dtype=dtype)).apply)({"params": params}, x, x)
+
+    want = {dtype: logits(dtype) for dtype in ("float32", "bfloat16")}
+    assert not np.array_equal(want["float32"], want["bfloat16"])
+    for fast, dtype in ((False, "float32"), (None, "float32"), (True, "bfloat16")):  # None: flags unknown
+        monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda fast=fast: fast)
+        np.testing.assert_array_equal(logits("auto"), want[dtype])
+    assert cfg.replace(dtype="auto").resolved_dtype("tpu") == "bfloat16"
+    with pytest.raises(ValueError, match="dtype='bf16' is not one of"):
+        cfg.replace(dtype="bf16")
 
 
 def test_dropout_only_with_a_dropout_rng():

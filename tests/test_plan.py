@@ -90,6 +90,23 @@ def test_bfloat16_and_splash_attention_compile_for_tpu(plans):
     assert plans["data"].programs[0].hlo.pallas_kernels == 0  # 16-token rows: XLA's attention
 
 
+def test_auto_dtype_lowers_to_bfloat16_for_tpu_from_a_cpu_without_it(monkeypatch):
+    """`model.dtype="auto"` resolves for the devices the step is traced for, not for the host: the
+    train step lowered for a TPU topology computes in bfloat16, the same step for this CPU (told it
+    has no bfloat16 instructions) in float32."""
+    monkeypatch.setattr(training.runtime, "cpu_has_fast_bfloat16", lambda: False)
+    config = small_copy()
+    config.model.dtype = "auto"
+    run = TrainConfig.from_dict(config)
+    texts = {}
+    for name, devices in (("tpu", tpu.topology_devices(SLICE)[:1]), ("cpu", jax.devices()[:1])):
+        trainer = training.Trainer(run, run.model_config(), sharding.make_mesh(1, 1, 1, devices=devices))
+        batch = plan_lib.train_batch_shape(run, 1).specs(trainer.batch_sharding)
+        with trainer.context():
+            texts[name] = trainer._train_step.lower(trainer.abstract_state, batch).as_text()
+    assert "bf16" in texts["tpu"] and "bf16" not in texts["cpu"]
+
+
 def test_decode_and_eval_compile_for_translation_on_real_data():
     config = multi30k.get_config("hour")
     config.model.update(num_encoder_layers=1, num_decoder_layers=1, d_model=64, d_ff=128)

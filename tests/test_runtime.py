@@ -82,3 +82,20 @@ def test_cpu_only_host_reads_jax_platforms(monkeypatch, platforms, cpu_only):
 def test_an_accelerator_host_is_left_alone(monkeypatch):
     monkeypatch.setenv("JAX_PLATFORMS", "tpu")
     assert runtime.keep_freed_host_memory() is False
+
+
+@pytest.mark.parametrize("platform,fast_bf16,dtype", [
+    ("tpu", False, "bfloat16"), ("gpu", None, "bfloat16"),
+    ("cpu", True, "bfloat16"), ("cpu", False, "float32"), ("cpu", None, "float32")])
+def test_auto_dtype_is_bfloat16_only_where_it_is_fast(monkeypatch, platform, fast_bf16, dtype):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bfloat16", lambda: fast_bf16)
+    assert runtime.fast_compute_dtype(platform) == dtype
+
+
+@pytest.mark.parametrize("flags,fast", [("fpu avx2 fma", False), ("fpu avx512f avx512_bf16", True),
+                                        ("fpu amx_bf16 amx_tile", True), (None, None)])
+def test_the_cpu_flags_are_read_from_cpuinfo(tmp_path, flags, fast):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + (f"flags\t\t: {flags}\n" if flags else ""))
+    assert runtime.cpu_has_fast_bfloat16(str(cpuinfo)) is fast
+    assert runtime.cpu_has_fast_bfloat16(str(tmp_path / "missing")) is None

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from transformer import runtime
+
 ATTENTION_KINDS = ("reference", "fused", "chunked", "splash", "banded", "lsh")
 POSITION_KINDS = ("sinusoidal", "learned", "rope", "relative", "alibi")
 ACTIVATIONS = ("relu", "gelu", "silu", "swiglu")
@@ -60,7 +62,9 @@ class ModelConfig:
     tie_output: bool = True  # pre-softmax projection = transposed target embedding (paper, Sec. 3.4)
     relative_num_buckets: int = 32  # T5 relative position buckets
     relative_max_distance: int = 128  # T5: distances beyond this share the last bucket
-    dtype: str = "float32"  # compute dtype; parameters are always float32
+    # Compute dtype (parameters are always float32): one of DTYPES, or "auto": bfloat16 where it is
+    # fast (TPU, GPU, CPUs with AMX or AVX-512 BF16), else float32 (runtime.fast_compute_dtype).
+    dtype: str = "float32"
     scan_layers: bool = False  # nn.scan over identical layers: one compiled layer, faster compiles
     remat: bool = False  # rematerialise each layer in the backward pass: less memory, ~1/3 more compute
     # Training and evaluation losses: 0 = from the whole [B, T, V] logits; N > 0 = the output
@@ -91,7 +95,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_epsilon={self.norm_epsilon} must be positive (e.g. 1e-6).")
         _check_choice(self, "norm", NORM_KINDS)
         _check_choice(self, "norm_position", NORM_POSITIONS)
-        _check_choice(self, "dtype", tuple(DTYPES))
+        _check_choice(self, "dtype", (*DTYPES, "auto"))
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(
                     f"ModelConfig.position='rope' needs an even head dimension, got d_model/num_heads = {self.head_dim}: "
@@ -174,7 +178,14 @@ class ModelConfig:
 
     @property
     def compute_dtype(self) -> Any:
-        return DTYPES[self.dtype]
+        return DTYPES[self.resolved_dtype()]
+
+    def resolved_dtype(self, platform: str | None = None) -> str:
+        """`dtype`, with "auto" resolved for `platform` (default: the platform of the computation being
+        traced, else JAX's default backend)."""
+        if self.dtype != "auto":
+            return self.dtype
+        return runtime.fast_compute_dtype(platform or runtime.trace_platform())
 
     def replace(self, **overrides) -> "ModelConfig":
         return dataclasses.replace(self, **overrides)

@@ -405,7 +405,7 @@ def report(p: Plan) -> str:
     lines = [f"Plan for {p.slice}; chip {chip.device_kind}: {_gib(chip.hbm_bytes)} HBM, "
              f"{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, "
              f"{chip.ici_bytes_per_s / 1e9:.0f} GB/s ICI.",
-             f"Mesh {p.mesh_shape}; model dtype {p.run.model.dtype}, remat {p.run.model.remat}, "
+             f"Mesh {p.mesh_shape}; model dtype {p.run.model.resolved_dtype('tpu')}, remat {p.run.model.remat}, "
              f"gradient accumulation {p.run.optimizer.grad_accum_steps}.",
              f"Training batch: {p.train_batch.rows} x {p.train_batch.length} tokens, "
              f"{p.train_batch.rows // (p.mesh_shape['data'] * p.mesh_shape['fsdp'])} rows per batch shard"

@@ -13,9 +13,10 @@ Three variants (`--config=experiments/configs/multi30k.py:VARIANT`):
     updates in two warmup + cosine cycles that each anneal to zero (the second restarts at half
     the peak), dropout 0.3. Measured here: 41.20 lowercased / 40.80 cased BLEU on test_2016_flickr.
   * `hour`: the same model sized to finish training and evaluation within 60 minutes on a quiet
-    2-core CPU: bfloat16 compute, less dropout for the short run, one cosine cycle over as many
-    updates as a 53-minute budget holds (fitted at the end of the warmup; at most 10,000).
-  * `two_hours`: the same within 120 minutes in all: bfloat16 compute, one 10,000-update cosine
+    2-core CPU: bfloat16 compute where it is fast (float32 on CPUs without AMX or AVX-512 BF16), less
+    dropout for the short run, one cosine cycle over as many updates as a 53-minute budget holds
+    (fitted at the end of the warmup; at most 10,000).
+  * `two_hours`: the same within 120 minutes in all: the same compute dtype, one 10,000-update cosine
     cycle (~100 epochs) with the full recipe's dropout 0.3, a 114-minute training budget.
 
     python -m experiments.train --config=experiments/configs/multi30k.py:hour --workdir=runs/multi30k_hour \
@@ -96,11 +97,13 @@ def get_config(variant: str = "full"):
     if variant == "hour":
         # Sized for 60 minutes on a quiet 2-core CPU, everything included: one cosine cycle that
         # anneals to zero over as many updates as a 53-minute budget holds (~6,000-7,650, ~60-75
-        # epochs), bfloat16 compute (float32 weights; ~1.5x the float32 step rate on CPUs with AMX or
-        # AVX-512 BF16), then averaging and beam search on val and test. A short run needs less
-        # dropout than the 170-epoch published one.
+        # epochs), then averaging and beam search on val and test. A short run needs less dropout
+        # than the 170-epoch published one. Compute dtype "auto" (float32 weights either way):
+        # bfloat16 on accelerators and on CPUs with AMX or AVX-512 BF16 (~1.5x the float32 step rate
+        # there), float32 on other CPUs, where XLA emulates bfloat16 products (a 2-core AVX2 EPYC ran
+        # this step at 0.73x float32's rate in bfloat16, 2026-12-03).
         packed_small_updates()
-        config.model.dtype = "bfloat16"
+        config.model.dtype = "auto"
         # Chosen on val (2026-11-30, 6,400 steps each): 0.3 underfits (val perplexity 4.78, BLEU 40.26),
         # 0.15 overfits (4.85, though BLEU 41.47), 0.2 gives 4.70 and 41.16.
         config.model.dropout_rate = 0.2
@@ -123,10 +126,10 @@ def get_config(variant: str = "full"):
 
     if variant == "two_hours":
         # Sized for 120 minutes on a quiet 2-core CPU, everything included: the hour recipe's
-        # bfloat16 steps, ~2.2x as many of them (one cosine cycle of 10,000 updates, ~100 epochs),
-        # so the full recipe's dropout 0.3 and the last 10 checkpoints (1,500 updates) averaged.
+        # steps and compute dtype, ~2.2x as many of them (one cosine cycle of 10,000 updates, ~100
+        # epochs), so the full recipe's dropout 0.3 and the last 10 checkpoints (1,500 updates) averaged.
         packed_small_updates()
-        config.model.dtype = "bfloat16"
+        config.model.dtype = "auto"
         config.optimizer.schedule = "cosine"
         config.optimizer.warmup_steps = 800
         config.num_train_steps = 10_000
