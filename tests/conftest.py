@@ -8,6 +8,9 @@ many tests compile the same small model, in both xdist workers, in the subproces
 tests start (they inherit these variables) and again in the slow run after the default one. XLA
 compiles each once; the rest load it. The cache is keyed on the program, the compiler flags and
 the devices, so a changed program recompiles. `JAX_COMPILATION_CACHE_DIR=` (empty) turns it off.
+The TPU programs that tests/test_plan.py compiles for a topology are written too but cannot be read
+back without a TPU: a later run warns ("Error reading persistent compilation cache entry ...
+DeserializeLoadedExecutable") and compiles them again, as it would without the cache.
 """
 
 import gzip
