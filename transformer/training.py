@@ -287,10 +287,10 @@ def _train(config, run: TrainConfig, workdir: str, *, restart_data: bool) -> dic
     train_iter = data_pipeline.prefetch_to_device(inputs.train, 2, trainer.batch_sharding)
     logging.info("Model %s; mesh %s; %s parameters.", model_cfg, dict(mesh.shape),
                  f"{sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params)):,}")
+    compute_dtype = model_cfg.resolved_dtype()
     if model_cfg.dtype == "auto":
-        logging.info("ModelConfig.dtype='auto': computing in %s on this %s.", model_cfg.resolved_dtype(),
-                     jax.default_backend())
-    runtime.warn_if_slow_dtype(model_cfg.resolved_dtype())
+        logging.info("ModelConfig.dtype='auto': computing in %s on this %s.", compute_dtype, jax.default_backend())
+    runtime.warn_if_slow_dtype(compute_dtype)
 
     checkpoint_dir = os.path.join(workdir, "checkpoints")
     workdir_lib.check_state_signature(checkpoint_dir, trainer.abstract_state)
