@@ -340,3 +340,39 @@ def test_fused_loss_equals_the_loss_of_the_full_logits(objective, tied):
     assert any("embedding" in p for p in paths) and (tied or any("logits" in p for p in paths))
     for path, got, want in zip(paths, jax.tree.leaves(fused_grads), jax.tree.leaves(full_grads)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=path)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cpu_kernels_give_the_gradient_of_the_portable_path(monkeypatch, packed):
+    """On CPU in float32 the projections (stored-operand gradients), attention without a bias (its
+    own VJP) and the fused loss take CPU-only code; the whole loss and its gradient must be those of
+    the code every other platform runs, on padded and on packed rows."""
+    from transformer import steps  # noqa: PLC0415
+
+    cfg = tiny(loss_block_tokens=4)
+    model, params, _ = built(tfm.EncoderDecoder, cfg)
+    targets = tokens(2, (2, 8)).at[1, 5:].set(0)
+    batch = {"inputs": tokens(1, (2, 8)).at[1, 6:].set(0), "targets": targets}
+    if packed:
+        segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 2, 2, 2, 0, 0, 0]], jnp.int32)
+        positions = jnp.asarray([[0, 1, 2, 0, 1, 2, 3, 0], [0, 1, 0, 1, 2, 0, 0, 0]], jnp.int32)
+        batch = {"inputs": batch["inputs"].at[0, 7].set(0), "targets": targets.at[0, 7].set(0),
+                 "inputs_segment_ids": segment_ids, "targets_segment_ids": segment_ids,
+                 "inputs_positions": positions, "targets_positions": positions}
+    rng = jax.random.key_data(jax.random.key(3))
+
+    def loss_and_grads(platform):
+        monkeypatch.setattr(runtime, "trace_platform", lambda: platform)
+        grad_fn = jax.value_and_grad(functools.partial(
+            steps.loss_fn, batch=batch, rng=rng, model=model, objective="translation", label_smoothing=0.1,
+            deterministic=True, mask_id=VOCAB - 1), has_aux=True)
+        return str(jax.make_jaxpr(grad_fn)(params)), jax.jit(grad_fn)(params)
+
+    cpu_jaxpr, ((cpu_loss, cpu_stats), cpu_grads) = loss_and_grads("cpu")
+    gpu_jaxpr, ((gpu_loss, gpu_stats), gpu_grads) = loss_and_grads("gpu")
+    assert "optimization_barrier" in cpu_jaxpr and "optimization_barrier" not in gpu_jaxpr  # two paths ran
+    np.testing.assert_allclose(cpu_loss, gpu_loss, rtol=1e-5)
+    for key in gpu_stats:
+        np.testing.assert_allclose(cpu_stats[key], gpu_stats[key], rtol=1e-5, err_msg=key)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(cpu_grads), jax.tree.leaves(gpu_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
