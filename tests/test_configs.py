@@ -3,8 +3,8 @@
 Configs on real data run on Multi30k as a stand-in (WMT cannot be downloaded here), shrunk to one
 layer and a small vocabulary; everything else is the config's own, but for where the big model's
 state lives: its default data-parallel mesh holds a whole copy of the parameters and Adam moments on
-each of the eight simulated devices (a 10 GiB process for a one-layer model, which once took down a
-CI worker), so its test shards them over the devices instead (FSDP, ~3 GiB).
+each of the eight simulated devices (a 10 GiB process for a one-layer model; a CI worker died in
+this test once, likely of memory), so its test shards them over the devices instead (FSDP, ~3 GiB).
 """
 
 import importlib
