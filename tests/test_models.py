@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import transformer as tfm
-from transformer import decoding, runtime
+from transformer import decoding, runtime, steps
 
 VOCAB = 40
 POSITIONS = ("sinusoidal", "learned", "rope", "relative", "alibi")
@@ -318,8 +318,6 @@ def test_splash_attention_model_matches_reference_on_packed_padded_rows(model_cl
 @pytest.mark.parametrize("objective,tied", [("translation", True), ("translation", False), ("lm", True),
                                             ("mlm", False)])
 def test_fused_loss_equals_the_loss_of_the_full_logits(objective, tied):
-    from transformer import steps  # noqa: PLC0415
-
     cfg = tiny(tie_output=tied, share_embeddings=tied)
     model_cls = steps.MODELS[objective]
     model, params, _ = built(model_cls, cfg)
@@ -347,8 +345,6 @@ def test_cpu_kernels_give_the_gradient_of_the_portable_path(monkeypatch, packed)
     """On CPU in float32 the projections (stored-operand gradients), attention without a bias (its
     own VJP) and the fused loss take CPU-only code; the whole loss and its gradient must be those of
     the code every other platform runs, on padded and on packed rows."""
-    from transformer import steps  # noqa: PLC0415
-
     cfg = tiny(loss_block_tokens=4)
     model, params, _ = built(tfm.EncoderDecoder, cfg)
     segment_ids = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0], [1, 1, 2, 2, 2, 0, 0, 0]], jnp.int32)
