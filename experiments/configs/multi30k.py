@@ -1,6 +1,6 @@
 """Multi30k English->German (task 1), a Transformer-Tiny on one CPU host.
 
-Three variants (`--config=experiments/configs/multi30k.py:VARIANT`):
+Four variants (`--config=experiments/configs/multi30k.py:VARIANT`):
   * `paper`: the hyperparameters of the published "Transformer-Tiny" recipe (Wu et al., ACL
     2021): 4+4 layers, d_model 128, d_ff 256, 4 heads, dropout 0.3, shared embeddings, a joint BPE
     vocabulary, Adam 0.9/0.98, inverse-sqrt schedule (2,000 warmup steps to 5e-3), label
