@@ -54,6 +54,30 @@ def test_vocabulary_reused_not_retrained(tmp_path, texts):
     assert sorted(os.listdir(tmp_path)) == ["spm.model"]  # no temporary file left behind
 
 
+def test_lowercase_vocabulary_reads_and_writes_lowercase(tmp_path, texts):
+    folded = data.load_or_train_tokenizer(str(tmp_path / "lc"), texts=texts[:2000], vocab_size=300, lowercase=True)
+    cased = data.load_or_train_tokenizer(str(tmp_path / "cased"), texts=texts[:2000], vocab_size=300)
+    assert (folded.lowercase, cased.lowercase) == (True, False)
+    sentence = "Ein Mann mit Hut steht vor der Straße."
+    assert folded.encode(sentence) == folded.encode(sentence.lower())
+    assert folded.encode("A DOG RUNS.") == folded.encode("a dog runs.")
+    assert cased.encode("A DOG RUNS.") != cased.encode("a dog runs.")
+    assert folded.decode(folded.encode(sentence)) == sentence.lower()  # "ß" stays, as in str.lower
+    assert cased.decode(cased.encode(sentence)) == sentence
+    # Folding frees the pieces a cased vocabulary spends on capitals: fewer pieces per sentence.
+    count = lambda tok: sum(len(tok.encode(s)) for s in texts[2000:2400])  # noqa: E731
+    assert count(folded) < count(cased)
+    assert data.load_tokenizer(str(tmp_path / "lc.model")).lowercase  # the folding is saved in the model
+
+
+def test_reusing_a_vocabulary_of_the_other_case_is_a_clear_error(tmp_path, texts):
+    prefix = str(tmp_path / "spm")
+    data.load_or_train_tokenizer(prefix, texts=texts[:2000], vocab_size=300)
+    with pytest.raises(ValueError, match=r"spm.model keeps case, but lowercase=True.*new workdir"):
+        data.load_or_train_tokenizer(prefix, texts=texts[:2000], vocab_size=300, lowercase=True)
+    assert not data.load_or_train_tokenizer(prefix, vocab_size=300).lowercase
+
+
 def test_corrupt_vocabulary_file_is_a_clear_error(tmp_path):
     path = tmp_path / "spm.model"
     path.write_bytes(b"this is not a sentencepiece model")

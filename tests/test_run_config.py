@@ -99,6 +99,7 @@ def test_preset_means_its_preset_with_overrides_on_top():
 @pytest.mark.parametrize("name, arg, path, value, message", [
     ("copy", None, "data.tokens_per_batch", 4096, "applies only to real data"),
     ("copy", None, "data.tokenizer", "bpe", "applies only to real data"),
+    ("copy", None, "data.lowercase", True, "applies only to real data"),
     ("lm_synthetic", None, "data.task", "copy", "applies only to synthetic translation"),
     ("multi30k", "paper", "data.batch_size", 64, "sizes batches by data.tokens_per_batch"),
     ("multi30k", "hour", "data.tokens_per_batch", 4096, "applies only to data.batching='bucket'"),

@@ -49,7 +49,8 @@ def make_inputs(run: TrainConfig, workdir: str) -> Inputs:
     texts = (functools.partial(data.translation_texts, train_source) if run.objective == "translation"
              else lambda: (train_source[i] for i in range(len(train_source))))
     tokenizer = data.load_or_train_tokenizer(os.path.join(workdir, "spm"), texts=texts,
-                                             vocab_size=run.data.vocab_size, model_type=run.data.tokenizer)
+                                             vocab_size=run.data.vocab_size, model_type=run.data.tokenizer,
+                                             lowercase=run.data.lowercase)
     batch_kwargs = dict(batching=run.data.batching, max_length=run.data.max_length, seed=run.seed,
                         process_index=jax.process_index(), process_count=jax.process_count())
     if run.data.batching == "bucket":
@@ -111,7 +112,7 @@ def _stream_inputs(run: TrainConfig, workdir: str) -> Inputs:
         train_source, eval_source = _load_split(run, d.train_split), _load_split(run, d.eval_split)
         texts = lambda: (train_source[i] for i in range(len(train_source)))  # noqa: E731
         tokenizer = data.load_or_train_tokenizer(os.path.join(workdir, "spm"), texts=texts, vocab_size=d.vocab_size,
-                                                 model_type=d.tokenizer)
+                                                 model_type=d.tokenizer, lowercase=d.lowercase)
         train_tokens = stream_lib.encode_stream(texts(), tokenizer)
         eval_tokens = stream_lib.encode_stream((eval_source[i] for i in range(len(eval_source))), tokenizer)
         vocab_size = tokenizer.vocab_size

@@ -62,6 +62,7 @@ class DataConfig:
     data_dir: str | None = None  # real data: TFDS data_dir (None = TFDS's default)
     manual_dir: str | None = None  # real data: local raw files (None = download)
     text_feature: str | None = None  # real lm data: the dataset's text feature (None = "text"; multi30k: "en", "de")
+    lowercase: bool = False  # real data: the vocabulary folds case, so the model reads and writes lowercase text
 
     @property
     def synthetic(self) -> bool:
@@ -271,6 +272,7 @@ class _Reader:
         out = dict(name=name, vocab_size=self.take(f, p("vocab_size"), int),
                    max_length=self.take(f, p("max_length"), int), eval_batch_size=self.take(f, p("eval_batch_size"), int))
         f.setdefault("text_feature", None)  # absent from the config.json of older runs
+        f.setdefault("lowercase", None)
         real = ("train_split", "eval_split", "data_dir", "manual_dir", "tokenizer", "batching")
         if name == "synthetic":
             out["batch_size"] = self.take(f, p("batch_size"), int)
@@ -284,7 +286,7 @@ class _Reader:
             else:
                 self.inapplicable(f, p("batching"), "to real data, and to synthetic 'lm' data (as 'stream')")
             real = real[:-1]
-            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang", "text_feature"):
+            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang", "text_feature", "lowercase"):
                 self.inapplicable(f, p(leaf), "to real data")
         else:
             for leaf in ("task", "eval_batches"):
@@ -293,7 +295,8 @@ class _Reader:
                        data_dir=self.take(f, p("data_dir"), str, required=False) or None,
                        manual_dir=self.take(f, p("manual_dir"), str, required=False) or None,
                        tokenizer=self.take(f, p("tokenizer"), str, choices=TOKENIZER_TYPES),
-                       batching=self.take(f, p("batching"), str, choices=BATCHINGS))
+                       batching=self.take(f, p("batching"), str, choices=BATCHINGS),
+                       lowercase=bool(self.take(f, p("lowercase"), bool, required=False)))
             if out["batching"] == "stream" and objective != "lm":
                 self.fail(p("batching"), f"applies only to objective 'lm' (one token stream), not {objective!r}",
                           "stream")

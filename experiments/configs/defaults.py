@@ -53,6 +53,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.data_dir = placeholder(str)  # real data: TFDS data_dir (unset = TFDS's default)
     config.data.manual_dir = placeholder(str)  # real data: local raw files (Multi30k: *.en.gz / *.de.gz)
     config.data.text_feature = placeholder(str)  # real lm data: the text feature (unset = "text"; multi30k: "en")
+    # Real data: a vocabulary that folds case (SentencePiece's nmt_nfkc_cf normalization), so that the
+    # model reads and writes lowercase text, as in the Multi30k benchmark's preprocessed (lc.norm.tok) files.
+    config.data.lowercase = False
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.schedule = "paper"  # "paper" | "rsqrt" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"

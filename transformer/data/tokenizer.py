@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from transformer.tokens import EOS_ID, PAD_ID, UNK_ID
 
@@ -58,6 +59,12 @@ class Tokenizer:
             ids = ids[:ids.index(EOS_ID)]
         return self._sp.decode([i for i in ids if i != PAD_ID])
 
+    @property
+    def lowercase(self) -> bool:
+        """Whether the model folds case (normalization "nmt_nfkc_cf"): it encodes "A Dog" as "a dog"."""
+        spec = sentencepiece_model_pb2.ModelProto.FromString(self.serialized_model()).normalizer_spec
+        return spec.name.endswith("_cf")
+
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """The SentencePiece piece of each id ("▁A", "▁man", "</s>"), for labelling token positions."""
         return [self._sp.id_to_piece(int(i)) for i in ids]
@@ -85,8 +92,11 @@ def load_tokenizer(model_path: str) -> Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = "unigram",
                     character_coverage: float = 1.0, max_sentences: int = 2_000_000,
-                    max_sentence_length: int = 4096) -> Tokenizer:
+                    max_sentence_length: int = 4096, lowercase: bool = False) -> Tokenizer:
     """Trains a SentencePiece model on (at most `max_sentences` of) `texts`, in memory.
+
+    `lowercase`: the model folds case as it normalizes ("nmt_nfkc_cf" instead of SentencePiece's
+    default "nmt_nfkc"), in training and in every later `encode`, so ids and decoded text are lowercase.
 
     `vocab_size` is a soft limit (SentencePiece's hard_vocab_limit=False): a corpus too small for it
     yields a smaller vocabulary instead of an error; read `Tokenizer.vocab_size` for the real size.
@@ -97,6 +107,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = 
         sentence_iterator=sentences, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, hard_vocab_limit=False, max_sentence_length=max_sentence_length,
         pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
+        normalization_rule_name="nmt_nfkc_cf" if lowercase else "nmt_nfkc",
         # A "char" model maps each character to one id (spaces to "▁"): no dummy "▁" before each text,
         # so tokens are characters and bits per token are bits per character.
         add_dummy_prefix=model_type != "char",
@@ -118,6 +129,11 @@ def load_or_train_tokenizer(path_prefix: str, texts: Iterable[str] | Callable[[]
     model_path = path_prefix + ".model"
     if os.path.exists(model_path):
         tok = load_tokenizer(model_path)
+        lowercase = train_kwargs.get("lowercase", False)
+        if tok.lowercase != lowercase:
+            raise ValueError(
+                f"Vocabulary {model_path} {'folds' if tok.lowercase else 'keeps'} case, but lowercase={lowercase} was "
+                f"asked for (config.data.lowercase). Use a new workdir, or set lowercase={tok.lowercase} to reuse it.")
         if tok.vocab_size != vocab_size:
             logging.info("Reusing %s with %d tokens (%d requested).", model_path, tok.vocab_size, vocab_size)
         return tok
