@@ -272,7 +272,7 @@ class _Reader:
         out = dict(name=name, vocab_size=self.take(f, p("vocab_size"), int),
                    max_length=self.take(f, p("max_length"), int), eval_batch_size=self.take(f, p("eval_batch_size"), int))
         f.setdefault("text_feature", None)  # absent from the config.json of older runs
-        f.setdefault("lowercase", None)
+        f.setdefault("lowercase", None)  # likewise (older runs kept case)
         real = ("train_split", "eval_split", "data_dir", "manual_dir", "tokenizer", "batching")
         if name == "synthetic":
             out["batch_size"] = self.take(f, p("batch_size"), int)
