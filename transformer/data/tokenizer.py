@@ -119,8 +119,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, model_type: str = 
 
 
 def load_or_train_tokenizer(path_prefix: str, texts: Iterable[str] | Callable[[], Iterable[str]] | None = None,
-                            vocab_size: int = 8000, **train_kwargs) -> Tokenizer:
+                            vocab_size: int = 8000, *, lowercase: bool = False, **train_kwargs) -> Tokenizer:
     """Loads `<path_prefix>.model` if it exists, else trains it on `texts` and saves it there.
+
+    `lowercase` (see `train_tokenizer`) must match a model that exists.
 
     `texts` may be a zero-argument callable, called only when training is needed (so a reused
     vocabulary never touches the data). The file is written atomically: a crash mid-save leaves
@@ -129,7 +131,6 @@ def load_or_train_tokenizer(path_prefix: str, texts: Iterable[str] | Callable[[]
     model_path = path_prefix + ".model"
     if os.path.exists(model_path):
         tok = load_tokenizer(model_path)
-        lowercase = train_kwargs.get("lowercase", False)
         if tok.lowercase != lowercase:
             raise ValueError(
                 f"Vocabulary {model_path} {'folds' if tok.lowercase else 'keeps'} case, but lowercase={lowercase} was "
@@ -140,7 +141,7 @@ def load_or_train_tokenizer(path_prefix: str, texts: Iterable[str] | Callable[[]
     if texts is None:
         raise FileNotFoundError(f"No vocabulary at {model_path} and no texts to train one: pass texts=... or "
                                 "point path_prefix at an existing <prefix>.model.")
-    tok = train_tokenizer(texts() if callable(texts) else texts, vocab_size, **train_kwargs)
+    tok = train_tokenizer(texts() if callable(texts) else texts, vocab_size, lowercase=lowercase, **train_kwargs)
     tok.path = model_path
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     tmp_path = f"{model_path}.tmp.{os.getpid()}"
