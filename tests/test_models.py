@@ -210,7 +210,7 @@ VARIANTS = {
 
 
 # The default suite runs each variant once, on the model kind it matters most for (every kind at
-# least once); the slow run covers the rest of the product, whose compiles cost ~3 minutes on 2 cores.
+# least once); the slow run covers the rest of the product (~3 minutes of compiling, cold, on 2 cores).
 DEFAULT_KIND = {"paper": tfm.EncoderDecoder, "scan_remat_untied": tfm.EncoderDecoder,
                 "pre_rms_swiglu_gqa": tfm.DecoderOnly, "chunked_alibi_window": tfm.DecoderOnly,
                 "reference_learned_dropout": tfm.EncoderOnly}
