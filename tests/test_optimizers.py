@@ -1,18 +1,21 @@
 """The optimizer chain: Adam with decoupled weight decay (AdamW) on the matrices only."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+from experiments.configs import multi30k
 from transformer import optimizers
-from transformer.run_config import OptimizerConfig
+from transformer.run_config import OptimizerConfig, TrainConfig
+
+HOUR = TrainConfig.from_dict(multi30k.get_config("hour")).optimizer  # Adam's betas and eps as trained
 
 
-def config(**overrides) -> OptimizerConfig:
-    fields = {"schedule": "constant", "learning_rate": 0.01, "b1": 0.9, "b2": 0.98, "eps": 1e-9, "weight_decay": 0.0,
-              "clip_grad_norm": 0.0, "grad_accum_steps": 1}
-    return OptimizerConfig(**{**fields, **overrides})
+def config(weight_decay: float = 0.0) -> OptimizerConfig:
+    return dataclasses.replace(HOUR, learning_rate=0.01, weight_decay=weight_decay)
 
 
 PARAMS = {"kernel": jnp.full((3, 4), 2.0), "bias": jnp.full((4,), 2.0), "scale": jnp.full((4,), -1.0)}
