@@ -16,7 +16,11 @@ DeserializeLoadedExecutable") and compiles them again, as it would without the c
 import gzip
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU aborts the process when a simulated device waits over 40 s for the others at a collective;
+# eight devices sharing two cores with a second xdist worker may fall that far behind each other.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=1200")
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_test_cache"))

@@ -8,11 +8,17 @@ this test once, likely of memory), so its test shards them over the devices inst
 """
 
 import importlib
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from transformer import optimizers, training
 from transformer.run_config import TrainConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 CONFIGS = [("copy", None), ("copy", "reverse"), ("lm_synthetic", None), ("mlm_synthetic", None),
@@ -74,9 +80,8 @@ def test_multi30k_full_recipe_is_two_cosine_cycles():
         TrainConfig.from_dict(full)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name, arg", CONFIGS)
-def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
+def train_two_steps(name, arg, multi30k_dir: str, tmp: str) -> dict:
+    """Trains `name`'s config (shrunk as the module docstring says) for two steps in `tmp`."""
     config = load(name, arg)
     config.model.num_layers = 1
     config.num_train_steps = 2
@@ -93,7 +98,7 @@ def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
     if config.data.name != "synthetic":
         config.data.name = "multi30k"  # the stand-in
         config.data.manual_dir = multi30k_dir
-        config.data.data_dir = str(tmp_path / "tfds")
+        config.data.data_dir = os.path.join(tmp, "tfds")
         config.data.vocab_size = 500
         if config.data.batching == "bucket":
             config.data.tokens_per_batch = min(config.data.tokens_per_batch, 2048)
@@ -101,5 +106,28 @@ def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
             config.data.batch_size = min(config.data.batch_size, 32)
         config.data.eval_batch_size = min(config.data.eval_batch_size, 32)
         config.prng_impl = ""
-    final = training.train_and_evaluate(config, str(tmp_path / "run"))
+    return training.train_and_evaluate(config, os.path.join(tmp, "run"))
+
+
+def train_two_steps_in_a_subprocess(name, arg, multi30k_dir: str, tmp: str) -> dict:
+    """`train_two_steps` in a fresh Python process. If that process dies, the test fails with how it
+    died (signal, XLA's fatal log line) instead of taking its xdist worker down with it."""
+    code = (f"import json, sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_configs; "
+            f"print(json.dumps(test_configs.train_two_steps({name!r}, {arg!r}, {multi30k_dir!r}, {tmp!r}), default=float))")
+    proc = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        fatal = [line for line in proc.stderr.splitlines()
+                 if line.startswith(("F", "Fatal Python error", "Traceback")) or "Error" in line]
+        raise AssertionError(f"the {name} two-step run exited with {proc.returncode}: {' | '.join(fatal[-5:])[:2000]}"
+                             f"\n--- stderr tail ---\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, arg", CONFIGS)
+def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
+    # The big model, the heaviest of these runs, trains in its own process: a CI worker died in this
+    # test twice (stops 48 and 51), each time with only the tail of a fatal-signal dump to show for it.
+    run = train_two_steps_in_a_subprocess if name == "wmt14_ende_big" else train_two_steps
+    final = run(name, arg, multi30k_dir, str(tmp_path))
     assert final["loss"] > 0 and final["eval_loss"] > 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -180,8 +181,11 @@ def free_port():
 
 
 def two_process_env(devices_per_process: int) -> dict:
-    """Environment for two processes on 127.0.0.1 with CPU collectives over gloo (add JAX_PROCESS_ID)."""
-    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}", "JAX_PLATFORMS": "cpu",
+    """Environment for two processes on 127.0.0.1 with CPU collectives over gloo (add JAX_PROCESS_ID);
+    other XLA flags (conftest's collective timeouts) carry over."""
+    others = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", "")).strip()
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process} {others}".strip(),
+            "JAX_PLATFORMS": "cpu",
             "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{free_port()}",
             "JAX_NUM_PROCESSES": "2"}
 
