@@ -3,8 +3,12 @@
 Configs on real data run on Multi30k as a stand-in (WMT cannot be downloaded here), shrunk to one
 layer and a small vocabulary; everything else is the config's own, but for where the big model's
 state lives: its default data-parallel mesh holds a whole copy of the parameters and Adam moments on
-each of the eight simulated devices (a 10 GiB process for a one-layer model; a CI worker died in
-this test once, likely of memory), so its test shards them over the devices instead (FSDP, ~3 GiB).
+each of the eight simulated devices (a 10 GiB process for a one-layer model), so its test shards
+them over the devices instead (FSDP, ~3.4 GiB). A CI worker died in this test twice: first with the
+replicated state, then (stop 51) with FSDP, from a fatal signal (Python's fault handler printed the
+threads; the log kept only its tail). One candidate: XLA:CPU aborts a process whose simulated devices
+wait over 40 s for one another at a collective (conftest.py raises that limit). This test now trains
+the big model in a subprocess, so a death there fails it with the signal and XLA's last fatal line.
 """
 
 import importlib
