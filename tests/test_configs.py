@@ -130,8 +130,7 @@ def train_two_steps_in_a_subprocess(name, arg, multi30k_dir: str, tmp: str) -> d
 @pytest.mark.slow
 @pytest.mark.parametrize("name, arg", CONFIGS)
 def test_config_trains_two_steps(tmp_path, multi30k_dir, name, arg):
-    # The big model, the heaviest of these runs, trains in its own process: a CI worker died in this
-    # test twice (stops 48 and 51), each time with only the tail of a fatal-signal dump to show for it.
+    # The big model trains in its own process (module docstring: a CI worker died in this test twice).
     run = train_two_steps_in_a_subprocess if name == "wmt14_ende_big" else train_two_steps
     final = run(name, arg, multi30k_dir, str(tmp_path))
     assert final["loss"] > 0 and final["eval_loss"] > 0
