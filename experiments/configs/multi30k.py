@@ -130,7 +130,7 @@ def get_config(variant: str = "full"):
         # a minute) reaches the ceiling in 37 of the 53 minutes, its val perplexity flat over the last
         # 2,000 steps; there `--config.num_train_steps=16000 --config.model.dropout_rate=0.3` lets the
         # budget fit ~14,000 and scored higher on val (docs/multi30k_runs.md). Not the default: dropout
-        # 0.3 underfits the ~8,000 steps of a Zen 4 (6,400 steps, 2026-11-30: val 40.26 against 41.16).
+        # 0.3 underfit a Zen 4's 6,400 steps (2026-11-30, no weight decay: val 40.26 against 41.16).
         config.num_train_steps = 10_000  # a ceiling, above what the budget holds on most machines
         config.max_train_minutes = 53.0
         config.fit_steps_to_budget = True
