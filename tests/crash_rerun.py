@@ -1,8 +1,8 @@
 """pytest-xdist: a test whose worker process died runs once more, in a fresh worker, and says so.
 
-Why: XLA:CPU's eight simulated devices can deadlock at a collective. Seen in CI twice (the slow
-suite lost a worker in `test_config_trains_two_steps[wmt14_ende_big]` and in
-`test_lm_and_mlm_reduce_loss[mlm_synthetic]`) and reproduced with jax 0.10.2: four processes, two at
+Why: XLA:CPU's eight simulated devices can deadlock at a collective. Seen in CI (the slow suite lost
+a worker in `test_lm_and_mlm_reduce_loss[mlm_synthetic]` after a ~20-minute wait; an earlier loss in
+`test_config_trains_two_steps[wmt14_ende_big]` may have been the same) and reproduced with jax 0.10.2: four processes, two at
 a time on two cores, trained the LM and MLM tests' models in a loop; in ~270 runs, one all-reduce
 waited forever with seven of its eight devices arrived, while the eighth device's launch sat in
 `CpuPjRtRawLoadedExecutable::Execute` on a semaphore (gdb). XLA's collective watchdog then aborts the process
