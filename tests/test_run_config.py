@@ -100,6 +100,10 @@ def test_preset_means_its_preset_with_overrides_on_top():
     ("copy", None, "data.tokens_per_batch", 4096, "applies only to real data"),
     ("copy", None, "data.tokenizer", "bpe", "applies only to real data"),
     ("copy", None, "data.lowercase", True, "applies only to real data"),
+    ("copy", None, "data.subword_samples", 64, "applies only to real data"),
+    ("multi30k", "paper", "data.subword_samples", 64, "needs data.tokenizer='unigram'"),  # a BPE vocabulary
+    ("multi30k", "hour", "data.subword_samples", 1, "must be 0 (always the best segmentation) or at least 2"),
+    ("multi30k", "hour", "data.subword_alpha", 0.1, "with data.subword_samples >= 2"),
     ("lm_synthetic", None, "data.task", "copy", "applies only to synthetic translation"),
     ("multi30k", "paper", "data.batch_size", 64, "sizes batches by data.tokens_per_batch"),
     ("multi30k", "hour", "data.tokens_per_batch", 4096, "applies only to data.batching='bucket'"),
@@ -122,6 +126,21 @@ def test_a_leaf_that_cannot_apply_is_rejected_by_name(name, arg, path, value, me
     with pytest.raises(ValueError, match=f"config.{path}") as error:
         TrainConfig.from_dict(config)
     assert message in str(error.value)
+
+
+def test_subword_sampling_reaches_the_data_config():
+    config = load("multi30k", "hour")
+    data = TrainConfig.from_dict(config).data
+    assert (data.subword_samples, data.subword_alpha) == (0, None)
+    config.data.subword_samples = 64
+    with pytest.raises(ValueError, match="config.data.subword_alpha must be set"):
+        TrainConfig.from_dict(config)
+    config.data.subword_alpha = 0.1
+    data = TrainConfig.from_dict(config).data
+    assert (data.subword_samples, data.subword_alpha) == (64, 0.1)
+    config.data.subword_alpha = 0.0
+    with pytest.raises(ValueError, match=r"config.data.subword_alpha=0.0 must be positive"):
+        TrainConfig.from_dict(config)
 
 
 def test_fit_steps_to_budget_needs_a_warmup_to_measure_over_unless_there_is_no_budget():

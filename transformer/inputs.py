@@ -62,6 +62,8 @@ def make_inputs(run: TrainConfig, workdir: str) -> Inputs:
     else:
         batch_kwargs.update(batch_size=local_rows(run.data.batch_size, "data.batch_size"))
     batches = data.translation_batches if run.objective == "translation" else data.lm_batches
+    if run.data.subword_samples:
+        batch_kwargs.update(subword_samples=run.data.subword_samples, subword_alpha=run.data.subword_alpha)
     train = batches(train_source, tokenizer, **batch_kwargs)
     return dataclasses.replace(eval_inputs(run, tokenizer, run.data.eval_split), train=train)
 

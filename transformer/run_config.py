@@ -63,6 +63,8 @@ class DataConfig:
     manual_dir: str | None = None  # real data: local raw files (None = download)
     text_feature: str | None = None  # real lm data: the dataset's text feature (None = "text"; multi30k: "en", "de")
     lowercase: bool = False  # real data: the vocabulary folds case, so the model reads and writes lowercase text
+    subword_samples: int = 0  # real data, unigram vocabulary: draw each training read from the n best segmentations
+    subword_alpha: float | None = None  # with subword_samples: P(draw x) ~ P(x) ** alpha (Kudo, 2018)
 
     @property
     def synthetic(self) -> bool:
@@ -273,6 +275,8 @@ class _Reader:
                    max_length=self.take(f, p("max_length"), int), eval_batch_size=self.take(f, p("eval_batch_size"), int))
         f.setdefault("text_feature", None)  # absent from the config.json of older runs
         f.setdefault("lowercase", None)  # likewise (older runs kept case)
+        f.setdefault("subword_samples", None)  # likewise (older runs always took the best segmentation)
+        f.setdefault("subword_alpha", None)
         real = ("train_split", "eval_split", "data_dir", "manual_dir", "tokenizer", "batching")
         if name == "synthetic":
             out["batch_size"] = self.take(f, p("batch_size"), int)
@@ -286,7 +290,8 @@ class _Reader:
             else:
                 self.inapplicable(f, p("batching"), "to real data, and to synthetic 'lm' data (as 'stream')")
             real = real[:-1]
-            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang", "text_feature", "lowercase"):
+            for leaf in real + ("tokens_per_batch", "source_lang", "target_lang", "text_feature", "lowercase",
+                                "subword_samples", "subword_alpha"):
                 self.inapplicable(f, p(leaf), "to real data")
         else:
             for leaf in ("task", "eval_batches"):
@@ -315,11 +320,34 @@ class _Reader:
                 for leaf in ("source_lang", "target_lang"):
                     self.inapplicable(f, p(leaf), "to translation")
                 out["text_feature"] = self.take(f, p("text_feature"), str, required=False)
+            self.subword_sampling(f, out)
         for leaf in ("vocab_size", "max_length", "eval_batch_size", "batch_size", "eval_batches", "tokens_per_batch"):
             if out.get(leaf) is not None and out[leaf] <= 0:
                 self.fail(p(leaf), "must be positive", out[leaf])
         self.done(f, "data")
         return DataConfig(**out)
+
+    def subword_sampling(self, f: dict, out: dict):
+        """data.subword_samples / subword_alpha of real data, into `out`."""
+        p = lambda name: f"data.{name}"  # noqa: E731
+        if out["batching"] == "stream":
+            for leaf in ("subword_samples", "subword_alpha"):
+                self.inapplicable(f, p(leaf), "to batching 'pad', 'bucket' and 'pack' (sentences, not one stream)")
+            return
+        samples = self.take(f, p("subword_samples"), int, required=False) or 0
+        if samples == 0:
+            self.inapplicable(f, p("subword_alpha"), "with data.subword_samples >= 2")
+            return
+        if samples < 2:
+            self.fail(p("subword_samples"), "must be 0 (always the best segmentation) or at least 2 (candidates to "
+                      "draw from; Kudo's setting: 64)", samples)
+        if out["tokenizer"] != "unigram":
+            self.fail(p("subword_samples"), f"needs data.tokenizer='unigram' (segmentation probabilities), not "
+                      f"{out['tokenizer']!r}", samples)
+        alpha = self.take(f, p("subword_alpha"), float)
+        if alpha <= 0:
+            self.fail(p("subword_alpha"), "must be positive (P(x) ** alpha; Kudo's setting: 0.1)", alpha)
+        out.update(subword_samples=samples, subword_alpha=alpha)
 
     def optimizer(self, f: dict, num_train_steps: int) -> OptimizerConfig:
         p = lambda name: f"optimizer.{name}"  # noqa: E731

@@ -56,6 +56,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Real data: a vocabulary that folds case (SentencePiece's nmt_nfkc_cf normalization), so that the
     # model reads and writes lowercase text, as in the Multi30k benchmark's preprocessed (lc.norm.tok) files.
     config.data.lowercase = False
+    # Real data, unigram vocabulary: subword regularization (Kudo, 2018). Each time a training
+    # sentence is read, one of its `subword_samples` most likely segmentations is drawn, with
+    # probability P(x) ** subword_alpha (normalised); 0 = always the best one. Kudo's setting: 64, 0.1.
+    config.data.subword_samples = 0
+    config.data.subword_alpha = placeholder(float)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.schedule = "paper"  # "paper" | "rsqrt" | "inverse_sqrt" | "cosine" | "cosine_cycles" | "constant"

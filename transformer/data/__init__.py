@@ -14,6 +14,7 @@ Modules:
   sources    TFDS datasets (Multi30k, WMT, lm1b) as random-access sources, without TensorFlow
   batching   pure batching functions: padding, token-budget length bucketing, bucket iterator
   pipeline   grain pipelines: shard -> shuffle -> tokenise -> batch; device prefetch
+  subwords   subword regularization: one of a sentence's n best segmentations per read (Kudo, 2018)
   stream     one token stream as consecutive segments of parallel rows (Transformer-XL's batchify)
 (`synthetic` holds synthetic tasks for tests and smoke runs.)
 """

@@ -11,6 +11,8 @@ The stages, each a grain dataset (so each is checkpointable and the whole is det
   .map(tokenize)                         eos appended; done once, up front, for a shard of up to
                                          `in_memory_examples` (Multi30k: 29k pairs in ~8 s), else per read
   .shuffle(seed).repeat(num_epochs)      a fresh permutation every epoch, a pure function of seed
+  .map_with_index(sample)                subword regularization only: one of each sentence's n best
+                                         segmentations per read (`transformer.data.subwords`)
   .filter/.map(max_length)               too-long examples dropped or truncated
   .to_iter_dataset(threads)              reading and tokenisation in parallel threads, order kept
   pad | bucket | pack  -> batches        see `transformer.data.batching`
@@ -31,7 +33,7 @@ import grain
 import jax
 import numpy as np
 
-from transformer.data import batching as batching_lib
+from transformer.data import batching as batching_lib, subwords
 
 BATCHINGS = ("pad", "bucket", "pack")
 
@@ -39,8 +41,13 @@ BATCHINGS = ("pad", "bucket", "pack")
 def tokenized_dataset(source: Sequence, to_example: Callable[[Any], batching_lib.Example], *, max_length: int,
                       eos_id: int, truncate: bool = False, seed: int = 0, shuffle: bool = True,
                       num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                      read_threads: int = 4, in_memory_examples: int = 200_000) -> grain.IterDataset:
+                      read_threads: int = 4, in_memory_examples: int = 200_000,
+                      sample: Callable[[int, Any], batching_lib.Example] | None = None) -> grain.IterDataset:
     """This host's shard of `source`, shuffled per epoch, tokenised by `to_example`, within `max_length`.
+
+    `sample(index, element)`, if given, turns what `to_example` made into an example for read number
+    `index` of the repeated stream (subword regularization draws a segmentation there), before the
+    length filter.
 
     A shard of at most `in_memory_examples` is read and tokenised once, into memory: every epoch
     after the first then costs no reading, parsing or tokenising (on a 2-core CPU that host work
@@ -57,6 +64,8 @@ def tokenized_dataset(source: Sequence, to_example: Callable[[Any], batching_lib
     if shuffle:
         ds = ds.shuffle(seed=seed)  # NOTE: repeat() after shuffle() reshuffles every epoch
     ds = ds.repeat(num_epochs)
+    if sample is not None:
+        ds = ds.map_with_index(sample)
     if truncate:
         ds = ds.map(functools.partial(batching_lib.truncate, max_length=max_length, eos_id=eos_id))
     else:
@@ -114,24 +123,40 @@ def encode_with_eos(tok, text: str) -> np.ndarray:
     return np.asarray(tok.encode(text) + [tok.eos_id], np.int32)
 
 
+def _encoder(tok, subword_samples: int, subword_alpha: float) -> Callable[[str], Any]:
+    """text -> eos-terminated ids, or (subword regularization) its `Segmentations` to draw from."""
+    if subword_samples <= 1:
+        return functools.partial(encode_with_eos, tok)
+    return functools.partial(subwords.segmentations, tok, eos_id=tok.eos_id, n=subword_samples, alpha=subword_alpha)
+
+
+def _sampler(subword_samples: int, seed: int):
+    return functools.partial(subwords.sample_example, seed=seed) if subword_samples > 1 else None
+
+
 def translation_batches(examples: Sequence[dict], tok, *, batching: str = "bucket", max_length: int = 256,
                         truncate: bool = False, seed: int = 0, shuffle: bool = True,
                         num_epochs: int | None = None, process_index: int = 0, process_count: int = 1,
-                        read_threads: int = 4, in_memory_examples: int = 200_000,
-                        **batch_kwargs) -> grain.DatasetIterator:
+                        read_threads: int = 4, in_memory_examples: int = 200_000, subword_samples: int = 0,
+                        subword_alpha: float = 0.1, **batch_kwargs) -> grain.DatasetIterator:
     """Iterator of {"inputs", "targets"} [B, L] int32 batches from `{"source": str, "target": str}` examples.
 
-    `num_epochs=None` repeats forever; `in_memory_examples`: see `tokenized_dataset`. `batch_kwargs`:
+    `num_epochs=None` repeats forever; `in_memory_examples`: see `tokenized_dataset`.
+    `subword_samples` > 1: each read of a sentence (both sides, drawn independently) is one of its
+    `subword_samples` best segmentations, drawn with probability P(x) ** `subword_alpha` (Kudo, 2018;
+    `transformer.data.subwords`; needs a unigram `tok`); 0 = always the best. `batch_kwargs`:
     batch_size, tokens_per_batch, drop_remainder, row_multiple, packing_bins, host_prefetch (see
     `batched_dataset`).
     """
+    encode = _encoder(tok, subword_samples, subword_alpha)
+
     def to_example(example):
-        return {"inputs": encode_with_eos(tok, example["source"]), "targets": encode_with_eos(tok, example["target"])}
+        return {"inputs": encode(example["source"]), "targets": encode(example["target"])}
 
     ds = tokenized_dataset(examples, to_example, max_length=max_length, eos_id=tok.eos_id, truncate=truncate,
                            seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
                            process_count=process_count, read_threads=read_threads,
-                           in_memory_examples=in_memory_examples)
+                           in_memory_examples=in_memory_examples, sample=_sampler(subword_samples, seed))
     return iter(batched_dataset(ds, ("inputs", "targets"), batching=batching, max_length=max_length, seed=seed,
                                 shuffle=shuffle, **batch_kwargs))
 
@@ -139,15 +164,19 @@ def translation_batches(examples: Sequence[dict], tok, *, batching: str = "bucke
 def lm_batches(texts: Sequence, tok, *, batching: str = "pack", max_length: int = 256, truncate: bool = False,
                seed: int = 0, shuffle: bool = True, num_epochs: int | None = None, process_index: int = 0,
                process_count: int = 1, read_threads: int = 4, in_memory_examples: int = 200_000,
-               **batch_kwargs) -> grain.DatasetIterator:
-    """Iterator of {"targets"} [B, L] int32 batches for language modelling from `str` (or {"text": str})."""
+               subword_samples: int = 0, subword_alpha: float = 0.1, **batch_kwargs) -> grain.DatasetIterator:
+    """Iterator of {"targets"} [B, L] int32 batches for language modelling from `str` (or {"text": str}).
+
+    Arguments as `translation_batches`'."""
+    encode = _encoder(tok, subword_samples, subword_alpha)
+
     def to_example(text):
-        return {"targets": encode_with_eos(tok, text["text"] if isinstance(text, dict) else text)}
+        return {"targets": encode(text["text"] if isinstance(text, dict) else text)}
 
     ds = tokenized_dataset(texts, to_example, max_length=max_length, eos_id=tok.eos_id, truncate=truncate,
                            seed=seed, shuffle=shuffle, num_epochs=num_epochs, process_index=process_index,
                            process_count=process_count, read_threads=read_threads,
-                           in_memory_examples=in_memory_examples)
+                           in_memory_examples=in_memory_examples, sample=_sampler(subword_samples, seed))
     return iter(batched_dataset(ds, ("targets",), batching=batching, max_length=max_length, seed=seed,
                                 shuffle=shuffle, **batch_kwargs))
 

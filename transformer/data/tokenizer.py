@@ -22,6 +22,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
@@ -34,6 +35,7 @@ class Tokenizer:
     def __init__(self, processor: spm.SentencePieceProcessor, path: str = "<memory>"):
         self._sp = processor
         self.path = path
+        self._piece_log_probs = None  # [vocab] float64, read on the first `nbest`
         ids = (processor.pad_id(), processor.eos_id(), processor.unk_id())
         if ids != (PAD_ID, EOS_ID, UNK_ID):
             raise ValueError(
@@ -64,6 +66,27 @@ class Tokenizer:
         """Whether the model folds case (normalization "nmt_nfkc_cf"): it encodes "A Dog" as "a dog"."""
         spec = sentencepiece_model_pb2.ModelProto.FromString(self.serialized_model()).normalizer_spec
         return spec.name.endswith("_cf")
+
+    @property
+    def model_type(self) -> str:
+        """SentencePiece's model type: "unigram", "bpe", "word" or "char"."""
+        spec = sentencepiece_model_pb2.ModelProto.FromString(self.serialized_model()).trainer_spec
+        return sentencepiece_model_pb2.TrainerSpec.ModelType.Name(spec.model_type).lower()
+
+    def nbest(self, text: str, n: int) -> tuple[list[list[int]], np.ndarray]:
+        """The `n` most likely segmentations of `text` (best first, fewer where fewer exist; each
+        without eos) and their [n] log-probabilities under the unigram model (sums of piece scores).
+
+        Only a unigram model gives segmentations probabilities; for the others this raises.
+        """
+        if self._piece_log_probs is None:
+            if self.model_type != "unigram":
+                raise ValueError(f"Segmentation sampling needs a unigram vocabulary; {self.path} is a "
+                                 f"{self.model_type!r} model. Set config.data.tokenizer='unigram' (a new workdir "
+                                 "trains one), or leave config.data.subword_samples=0.")
+            self._piece_log_probs = np.array([self._sp.get_score(i) for i in range(self.vocab_size)], np.float64)
+        candidates = self._sp.nbest_encode_as_ids(text, nbest_size=n) or [[]]
+        return candidates, np.array([self._piece_log_probs[c].sum() for c in candidates], np.float64)
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         """The SentencePiece piece of each id ("▁A", "▁man", "</s>"), for labelling token positions."""
