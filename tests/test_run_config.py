@@ -103,7 +103,7 @@ def test_preset_means_its_preset_with_overrides_on_top():
     ("copy", None, "data.subword_samples", 64, "applies only to real data"),
     ("multi30k", "paper", "data.subword_samples", 64, "needs data.tokenizer='unigram'"),  # a BPE vocabulary
     ("multi30k", "hour", "data.subword_samples", 1, "must be 0 (always the best segmentation) or at least 2"),
-    ("multi30k", "hour", "data.subword_alpha", 0.1, "with data.subword_samples >= 2"),
+    ("multi30k", "full", "data.subword_alpha", 0.1, "with data.subword_samples >= 2"),
     ("lm_synthetic", None, "data.task", "copy", "applies only to synthetic translation"),
     ("multi30k", "paper", "data.batch_size", 64, "sizes batches by data.tokens_per_batch"),
     ("multi30k", "hour", "data.tokens_per_batch", 4096, "applies only to data.batching='bucket'"),
@@ -129,7 +129,8 @@ def test_a_leaf_that_cannot_apply_is_rejected_by_name(name, arg, path, value, me
 
 
 def test_subword_sampling_reaches_the_data_config():
-    config = load("multi30k", "hour")
+    assert TrainConfig.from_dict(load("multi30k", "hour")).data.subword_samples == 64
+    config = load("multi30k", "full")
     data = TrainConfig.from_dict(config).data
     assert (data.subword_samples, data.subword_alpha) == (0, None)
     config.data.subword_samples = 64
