@@ -56,3 +56,12 @@ def read_lines(multi30k_dir):
         with gzip.open(os.path.join(multi30k_dir, name), "rt", encoding="utf-8") as f:
             return f.read().splitlines()[:limit]
     return read
+
+
+@pytest.fixture(scope="session")
+def train_examples(read_lines):
+    """`train_examples(n)`: the first n Multi30k training pairs as {"source": English, "target": German}."""
+    def examples(n: int) -> list[dict]:
+        pairs = zip(read_lines("train.en.gz", n), read_lines("train.de.gz", n))
+        return [{"source": en, "target": de} for en, de in pairs]
+    return examples

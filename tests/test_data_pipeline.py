@@ -15,9 +15,8 @@ MAX_LENGTH = 32
 
 
 @pytest.fixture(scope="module")
-def examples(read_lines):
-    pairs = zip(read_lines("train.en.gz", 1500), read_lines("train.de.gz", 1500))
-    return [{"source": en, "target": de} for en, de in pairs]
+def examples(train_examples):
+    return train_examples(1500)
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,13 @@ MAX_LENGTH = 32
 
 
 @pytest.fixture(scope="module")
-def examples(read_lines):
-    pairs = zip(read_lines("train.en.gz", 600), read_lines("train.de.gz", 600))
-    return [{"source": en, "target": de} for en, de in pairs]
+def examples(train_examples):
+    return train_examples(600)
 
 
 @pytest.fixture(scope="module")
-def tok(examples, tmp_path_factory):
-    prefix = str(tmp_path_factory.mktemp("vocab") / "spm")
-    return data.load_or_train_tokenizer(prefix, texts=lambda: data.translation_texts(examples), vocab_size=500)
+def tok(examples):
+    return data.train_tokenizer(data.translation_texts(examples), 500)
 
 
 def test_nbest_starts_with_the_best_segmentation_and_each_spells_the_text(tok, examples):
