@@ -144,6 +144,18 @@ def test_subword_sampling_reaches_the_data_config():
         TrainConfig.from_dict(config)
 
 
+def test_hour_subword_sampling_turns_off_with_flag_values():
+    # `hour` sets both fields; a flag cannot set a float to None, so 0 counts as unset and the error says so.
+    config = load("multi30k", "hour")
+    config.data.subword_samples = 0
+    with pytest.raises(ValueError, match=r"config.data.subword_alpha=0.1 has no effect") as error:
+        TrainConfig.from_dict(config)
+    assert "--config.data.subword_alpha=0)" in str(error.value)
+    config.data.subword_alpha = 0.0
+    data = TrainConfig.from_dict(config).data
+    assert (data.subword_samples, data.subword_alpha) == (0, None)
+
+
 def test_fit_steps_to_budget_needs_a_warmup_to_measure_over_unless_there_is_no_budget():
     config = load("multi30k", "hour")  # fit_steps_to_budget, a 53-minute budget, a cosine
     config.optimizer.warmup_steps = 10

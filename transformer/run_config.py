@@ -206,7 +206,10 @@ class _Reader:
         value = fields.pop(path.rsplit(".", 1)[-1], None)
         if value not in (None, (), [], "", 0, False):
             if self.strict:
-                self.fail(path, f"has no effect: it applies only {reason}. Leave it unset.", value)
+                # A config file's value cannot be set to None from a flag; the unset values above can.
+                unset = {bool: "False", str: "''"}.get(type(value), "0")
+                self.fail(path, f"has no effect: it applies only {reason}. Leave it unset (on the command "
+                          f"line: --config.{path}={unset}).", value)
             logging.warning("config.%s=%r ignored: it applies only %s.", path, value, reason)
         return None
 
