@@ -207,7 +207,7 @@ class _Reader:
         if value not in (None, (), [], "", 0, False):
             if self.strict:
                 # A config file's value cannot be set to None from a flag; the unset values above can.
-                unset = {bool: "False", str: "''"}.get(type(value), "0")
+                unset = {bool: "False", str: "''", tuple: "'()'", list: "'()'"}.get(type(value), "0")
                 self.fail(path, f"has no effect: it applies only {reason}. Leave it unset (on the command "
                           f"line: --config.{path}={unset}).", value)
             logging.warning("config.%s=%r ignored: it applies only %s.", path, value, reason)
