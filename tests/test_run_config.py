@@ -98,7 +98,8 @@ def test_preset_means_its_preset_with_overrides_on_top():
 
 @pytest.mark.parametrize("name, arg, path, value, message", [
     ("copy", None, "data.tokens_per_batch", 4096, "applies only to real data"),
-    ("copy", None, "data.tokenizer", "bpe", "applies only to real data. Leave it unset (on the command line: --config.data.tokenizer='')"),
+    ("copy", None, "data.tokenizer", "bpe",
+     "applies only to real data. Leave it unset (on the command line: --config.data.tokenizer='')"),
     ("copy", None, "data.lowercase", True, "applies only to real data"),
     ("copy", None, "data.subword_samples", 64, "applies only to real data"),
     ("multi30k", "paper", "data.subword_samples", 64, "needs data.tokenizer='unigram'"),  # a BPE vocabulary
@@ -108,7 +109,8 @@ def test_preset_means_its_preset_with_overrides_on_top():
     ("multi30k", "paper", "data.batch_size", 64, "sizes batches by data.tokens_per_batch"),
     ("multi30k", "hour", "data.tokens_per_batch", 4096, "applies only to data.batching='bucket'"),
     ("multi30k", "full", "optimizer.warmup_steps", 100, "not to 'cosine_cycles'"),
-    ("copy", None, "optimizer.cycle_steps", (250, 250), "not to 'inverse_sqrt'. Leave it unset (on the command line: --config.optimizer.cycle_steps='()')"),
+    ("copy", None, "optimizer.cycle_steps", (250, 250),
+     "not to 'inverse_sqrt'. Leave it unset (on the command line: --config.optimizer.cycle_steps='()')"),
     ("copy", None, "decode.beam_size", 4, "applies only to translation on real data"),
     ("lm_synthetic", None, "model.num_encoder_layers", 3, "objectives with an encoder"),
     ("copy", None, "model.relative_num_buckets", 16, "model.position='relative'"),

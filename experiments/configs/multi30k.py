@@ -14,8 +14,8 @@ Four variants (`--config=experiments/configs/multi30k.py:VARIANT`):
     the peak), dropout 0.3. Measured here: 41.20 lowercased / 40.80 cased BLEU on test_2016_flickr.
   * `hour`: the same model sized to finish training and evaluation within 60 minutes on a quiet
     2-core CPU: bfloat16 compute where it is fast (float32 on CPUs without AMX or AVX-512 BF16), less
-    dropout for the short run, weight decay 0.2 and subword regularization, one cosine cycle over as many updates as a
-    53-minute budget holds (fitted at the end of the warmup; at most 10,000).
+    dropout for the short run, weight decay 0.2 and subword regularization, one cosine cycle over as
+    many updates as a 53-minute budget holds (fitted at the end of the warmup; at most 10,000).
   * `two_hours`: the same within 120 minutes in all: the same compute dtype and weight decay, the
     full recipe's dropout 0.3, one cosine cycle over as many updates as a 114-minute budget holds
     (at most 20,000).
