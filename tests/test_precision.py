@@ -84,28 +84,30 @@ def test_project_float32_values_and_gradients_are_einsums(monkeypatch, spec, sha
     assert barriers == (1 if platform == "cpu" else 0)
 
 
-# (input, gradient -> weight gradient), shapes, whether it is one 2-d product
-WEIGHT_GRADIENTS = [
-    ("BTD,BTF->DF", (2, 3, 8), (2, 3, 16), True),  # feed-forward
-    ("BTD,BTNH->DNH", (2, 3, 8), (2, 3, 2, 4), True),  # query projection
-    ("BTNH,BTD->NHD", (2, 3, 2, 4), (2, 3, 8), True),  # output projection
-    ("BTD,BTNH->NHD", (2, 3, 8), (2, 3, 2, 4), True),  # a kernel stored [N, H, D]: transposed after the product
-    ("BTD,TBF->DF", (2, 3, 8), (3, 2, 16), False),  # the summed axes in another order: the einsum
-    ("BTD,BFT->DF", (2, 3, 8), (2, 16, 3), False),  # the summed axes not leading the gradient: the einsum
+# projection specs, operand shapes, whether both gradients are 2-d products
+FLAT_GRADIENTS = [
+    ("BTD,DF->BTF", (2, 3, 8), (8, 16), True),  # feed-forward
+    ("BTD,DNH->BTNH", (2, 3, 8), (8, 2, 4), True),  # query projection
+    ("BTNH,NHD->BTD", (2, 3, 2, 4), (2, 4, 8), True),  # output projection
+    ("BTD,NHD->BTNH", (2, 3, 8), (2, 4, 8), True),  # a kernel stored [N, H, D]: transposed for the products
+    ("BTD,DF->TBF", (2, 3, 8), (8, 16), False),  # the summed axes in another order: the einsums
+    ("BTD,DF->BFT", (2, 3, 8), (8, 16), False),  # the summed axes not leading the output: the einsums
 ]
 
 
-@pytest.mark.parametrize("spec,shape_x,shape_g,flat", WEIGHT_GRADIENTS)
-def test_flat_weight_gradient_is_the_einsum_and_one_2d_product_where_the_summed_axes_lead(
-        spec, shape_x, shape_g, flat):
-    inputs, rhs = spec.split("->")
-    lhs, out = inputs.split(",")
-    x, g = _operands(shape_x, shape_g)
-    got = precision._flat_weight_gradient(lhs, out, rhs, x, g)
-    np.testing.assert_allclose(got, jnp.einsum(f"{lhs},{out}->{rhs}", x, g), rtol=1e-5, atol=1e-5)
-    jaxpr = jax.make_jaxpr(lambda a, b: precision._flat_weight_gradient(lhs, out, rhs, a, b))(x, g)
-    (dot,) = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
-    assert all(v.aval.ndim == 2 for v in dot.invars) == flat
+@pytest.mark.parametrize("spec,shape_x,shape_y,flat", FLAT_GRADIENTS)
+def test_flat_gradient_products_are_einsums_and_2d_products_where_the_summed_axes_lead(spec, shape_x, shape_y, flat):
+    x, y = _operands(shape_x, shape_y)
+    grad = jax.random.normal(jax.random.PRNGKey(1), jnp.einsum(spec, x, y).shape)
+    got = precision._flat_gradient_products(spec, x, y, grad)
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), x, y)
+    for g, w in zip(got, vjp(grad)):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda *args: precision._flat_gradient_products(spec, *args))(x, y, grad)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 2
+    assert all(v.aval.ndim == 2 for dot in dots for v in dot.invars) == flat
 
 
 def test_project_in_bfloat16_is_einsum_without_barriers():

@@ -59,8 +59,8 @@ def project(spec: str, x, kernel, dtype=jnp.float32):
     cheap producers (LayerNorm, dropout's hash, ReLU) and the gradient's (LayerNorm's backward)
     inside the transposing copy that the weight gradient's product needs, element by element in
     the transposed, strided order: the float32 train step ran 6% (Multi30k) to 8% (base_32k)
-    slower so (2026-12-02, `docs/speed.md`). The weight gradient is one 2-d product over the merged
-    batch and length axes (`_flat_weight_gradient`). Elsewhere, and in 16-bit dtypes (whose custom
+    slower so (2026-12-02, `docs/speed.md`). Both gradients are 2-d products over the merged batch
+    and length axes (`_flat_gradient_products`). Elsewhere, and in 16-bit dtypes (whose custom
     gradient stores 16-bit operands), this is `einsum`.
     """
     if jnp.dtype(dtype) == jnp.float32 and runtime.trace_platform() == "cpu":
@@ -81,33 +81,37 @@ def _stored_operands_forward(spec, x, y):
 def _stored_operands_backward(spec, residuals, grad):
     x, y = residuals
     x, grad = jax.lax.optimization_barrier((x, grad))
+    return _flat_gradient_products(spec, x, y, grad)
+
+
+def _flat_gradient_products(spec: str, x, y, grad):
+    """`_gradient_products(spec, x, y, grad)` as two-dimensional products, where x is [*S, *K], the
+    kernel y holds the axes K and N in some order, and grad is [*S, *N] (S: the summed batch and
+    length axes, leading both; a projection's spec).
+
+    Merging S, K and N each into one axis makes both products plain matrix products of free
+    reshapes: dx = grad [S, N] x y^T [N, K], dy = x^T [K, S] x grad [S, N] (contracting the leading
+    axis of the stored x, which XLA's CPU kernels read as it is). Given the multi-axis einsums,
+    XLA's CPU backend first writes x out transposed to [K, S] for the weight gradient, element by
+    element in strided order (~13 ms for a [2048, 2048] float32 activation on a Zen 5), and for an
+    attention projection's input gradient it may reorder the heads' axes of grad and kernel first.
+    Only the small kernel is transposed here, when its axes are not in K, N order. Other specs take
+    `_gradient_products`.
+    """
     inputs, out = spec.split("->")
     lhs, rhs = inputs.split(",")
-    dx = jnp.einsum(f"{out},{rhs}->{lhs}", grad, y, preferred_element_type=jnp.float32)
-    return dx, _flat_weight_gradient(lhs, out, rhs, x, grad)
-
-
-def _flat_weight_gradient(lhs: str, out: str, rhs: str, x, grad):
-    """einsum(f"{lhs},{out}->{rhs}", x, grad) in float32 as one two-dimensional product.
-
-    The axes summed over (batch and length, leading in x and in grad) are merged into one, and so
-    are x's other axes and grad's other axes: [B*T, K] x [B*T, N] -> [K, N], free reshapes of the
-    stored arrays. Given the 3-d einsum, XLA's CPU backend first writes x out transposed to
-    [K, B*T] (its dot canonicalisation), element by element in strided order, ~13 ms for a
-    [2048, 2048] float32 activation on a Zen 5; the 2-d product contracting the leading axis reads
-    x as it is. Alone, the feed-forward's [2048, 2048] x [2048, 512] weight gradient ran in 14 ms
-    against 23 (2026-12-05, `docs/speed.md`). Specs whose summed axes do not lead both operands
-    in the same order take the einsum.
-    """
     summed = "".join(axis for axis in lhs if axis not in rhs)
     k_axes, n_axes = lhs[len(summed):], out[len(summed):]
     if (not summed or not lhs.startswith(summed) or not out.startswith(summed) or set(k_axes) & set(n_axes)
             or sorted(k_axes + n_axes) != sorted(rhs)):
-        return jnp.einsum(f"{lhs},{out}->{rhs}", x, grad, preferred_element_type=jnp.float32)
+        return _gradient_products(spec, x, y, grad)
     k_shape, n_shape = x.shape[len(summed):], grad.shape[len(summed):]
-    flat = jnp.einsum("tk,tn->kn", x.reshape(-1, math.prod(k_shape)), grad.reshape(-1, math.prod(n_shape)),
-                      preferred_element_type=jnp.float32)
-    return jnp.einsum(f"{k_axes}{n_axes}->{rhs}", flat.reshape(*k_shape, *n_shape))
+    k, n = math.prod(k_shape), math.prod(n_shape)
+    x2, grad2 = x.reshape(-1, k), grad.reshape(-1, n)
+    y2 = jnp.einsum(f"{rhs}->{k_axes}{n_axes}", y).reshape(k, n)
+    dx = jnp.einsum("tn,kn->tk", grad2, y2, preferred_element_type=jnp.float32).reshape(x.shape)
+    dy = jnp.einsum("tk,tn->kn", x2, grad2, preferred_element_type=jnp.float32).reshape(*k_shape, *n_shape)
+    return dx, jnp.einsum(f"{k_axes}{n_axes}->{rhs}", dy)
 
 
 _stored_operands_einsum.defvjp(_stored_operands_forward, _stored_operands_backward)
