@@ -57,7 +57,7 @@ def project(spec: str, x, kernel, dtype=jnp.float32):
     On CPU in float32 the two gradient products read the incoming gradient and the input as they
     are stored (`jax.lax.optimization_barrier` on each). Left free, XLA recomputes the input's
     cheap producers (LayerNorm, dropout's hash, ReLU) and the gradient's (LayerNorm's backward)
-    inside the transposing copy that the weight gradient's product needs, element by element in
+    inside the transposing copy that the weight gradient's 3-d product needed, element by element in
     the transposed, strided order: the float32 train step ran 6% (Multi30k) to 8% (base_32k)
     slower so (2026-12-02, `docs/speed.md`). Both gradients are 2-d products over the merged batch
     and length axes (`_flat_gradient_products`). Elsewhere, and in 16-bit dtypes (whose custom
