@@ -15,8 +15,11 @@ flax checkout, and trained by a step written here after the example's train.py (
 loss and argmax accuracy over the whole logits). Parameter counts are printed (within 1%). Steps
 alternate between the sides, `--rounds` times, and the median of each side counts, so drift on a
 shared machine hits all alike. FLOPs are the analytic matmul count of
-`transformer.metrics.flops_per_token`; the peak is the faster of JAX's and torch's matmul rates in
-`--dtype`, measured here, now. Ours runs as shipped for CPU: `--loss_block_tokens=256`.
+`transformer.metrics.flops_per_token`; the peak is the faster of JAX's and torch's [2048, 2048]
+matmul rates in `--dtype`, measured in this run before the first shape and again after each (the
+best of `--peak_rounds` rounds each time); a row's fractions are of the highest peak measured up to
+its end (one measurement at the start alone read 25% low on a Zen 5 on 2026-12-06). Ours runs as
+shipped for CPU: `--loss_block_tokens=256`.
 """
 
 import math
@@ -52,29 +55,34 @@ _LOSS_BLOCK = flags.DEFINE_integer("loss_block_tokens", 256, "Our ModelConfig.lo
 _FLAX_WMT = flags.DEFINE_string("flax_wmt_dir", None, "Also time the Flax WMT example's model: the examples/wmt "
                                  "directory of a github.com/google/flax checkout (its models.py is imported from "
                                  "there, not copied here).")
+_PEAK_ROUNDS = flags.DEFINE_integer("peak_rounds", 3, "Rounds of 10 square products per peak measurement (the best "
+                                    "counts).", lower_bound=1)
 _PRNG = flags.DEFINE_enum("prng_impl", "", ["", "threefry2x32", "rbg", "unsafe_rbg"],
                           "Our dropout masks' PRNG (jax_default_prng_impl; '' = JAX's default, threefry).")
 
 
-def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10) -> tuple[float, float]:
+def matmul_gflops(dtype: str = "float32", n: int = 2048, repeats: int = 10, rounds: int = 3) -> tuple[float, float]:
     """[n, n] @ [n, n] GFLOP/s of JAX (XLA) and of torch on this machine, in `dtype` (bfloat16:
-    JAX accumulates in float32, as our layers do)."""
+    JAX accumulates in float32, as our layers do): the best of `rounds` rounds of `repeats` products
+    each, so that a slow moment (another process, a clock change) lowers one round, not the peak."""
     import torch  # noqa: PLC0415
 
     x = jnp.ones((n, n), dtype)
     f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     f(x).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        y = f(x)
-    y.block_until_ready()
-    jax_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
     t = torch.ones((n, n), dtype=getattr(torch, dtype))
     t @ t
-    start = time.perf_counter()
-    for _ in range(repeats):
-        t @ t
-    torch_rate = 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+    jax_rate = torch_rate = 0.0
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            y = f(x)
+        y.block_until_ready()
+        jax_rate = max(jax_rate, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            t @ t
+        torch_rate = max(torch_rate, 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9)
     return jax_rate, torch_rate
 
 
@@ -239,13 +247,13 @@ def main(argv):
     if unknown:
         raise cli.UserError(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}.")
     runtime.use_prng_impl(_PRNG.value)
-    jax_peak, torch_peak = matmul_gflops(_DTYPE.value)
-    peak = max(jax_peak, torch_peak)
+    jax_peak, torch_peak = matmul_gflops(_DTYPE.value, rounds=_PEAK_ROUNDS.value)
+    peaks = [max(jax_peak, torch_peak)]
     print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
           f"{jax.config.jax_default_prng_impl}; {_DTYPE.value} matmul peak: "
-          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (using {peak:.0f}); freed host memory kept "
-          f"(all sides): {'yes' if runtime.host_memory_kept() else 'no'}")
+          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (measured again after each shape); freed host memory "
+          f"kept (all sides): {'yes' if runtime.host_memory_kept() else 'no'}")
     peers = {"torch": Torch} | ({"flax_wmt": FlaxWMT} if _FLAX_WMT.value else {})
     header = ["shape", "params ours / " + " / ".join(peers), "ours tok/s"]
     for peer in peers:
@@ -262,6 +270,8 @@ def main(argv):
             for side, runner in sides.items():
                 times[side].append(runner.run(_STEPS.value))
         step = {side: statistics.median(t) for side, t in times.items()}
+        peaks.append(max(matmul_gflops(_DTYPE.value, rounds=_PEAK_ROUNDS.value)))  # again after each shape
+        peak = max(peaks)
         tokens = batch * length
         flops = tokens * metrics.flops_per_token(
             d_model=d_model, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers,
@@ -274,6 +284,8 @@ def main(argv):
             row += [f"{tokens / step[peer]:,.0f}", f"**{step[peer] / step['ours']:.2f}x**"]
         row += [f"{rate[side]:.0f} ({rate[side] / peak:.0%})" for side in sides]
         print("| " + " | ".join(row) + " |", flush=True)
+    print(f"{_DTYPE.value} matmul peak, measured before the first shape and after each: "
+          + ", ".join(f"{p:.0f}" for p in peaks) + " GFLOP/s; each row's fraction is of the highest up to its end.")
 
 
 if __name__ == "__main__":
