@@ -43,3 +43,15 @@ def test_product_rates_keep_two_significant_digits_below_ten():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["1,234", "56", "10", "10", "5.7", "0.035"]
+
+
+def test_compare_peak_is_the_best_round_of_each_library():
+    # A clock that makes round 1 slow for JAX and round 2 slow for torch: each library's best round
+    # (1 s of 2 x 2 * 64^3 FLOPs) must count, not its first or last.
+    code = ("import types; from experiments.benchmarks import compare; "
+            "ticks = iter([0, 3, 3, 4, 4, 5, 5, 9]); "
+            "compare.time = types.SimpleNamespace(perf_counter=lambda: next(ticks)); "
+            "print(*compare.matmul_gflops('float32', n=64, repeats=2, rounds=2))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [float(rate) for rate in result.stdout.split()] == [2 * 2 * 64**3 / 1e9] * 2
