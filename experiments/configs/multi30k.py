@@ -156,9 +156,9 @@ def get_config(variant: str = "full"):
         # training in 59 of the 114 minutes, val lowercased BLEU 41.40 and perplexity 4.54; the
         # budget's 19,150 gave 41.81 and 4.44. A ~90-steps-a-minute machine fits ~10,000. Weight
         # decay 0.2, as in `hour` (2026-12-05, a quiet Zen 4, seed 0): 43.20 and 4.07 in 18,000. A quiet Zen 5
-        # (2026-12-05, seeds 0 and 1) reaches the 20,000 ceiling in 73-76 of the 114 minutes: 42.72 and 4.09,
-        # 42.94 and 4.15 (test 41.66 and 41.13). With `hour`'s subword regularization (seed 0, same machine):
-        # 43.30 but 4.33, mixed on val, so not taken (one seed).
+        # (2026-12-05/06, seeds 0, 1, 2) reaches the 20,000 ceiling in 73-80 of the 114 minutes: 42.72 and
+        # 4.09, 42.94 and 4.15, 42.79 and 4.09 (test 41.66, 41.13, 41.03). With `hour`'s subword
+        # regularization (seed 0, same machine): 43.30 but 4.33, mixed on val, so not taken (one seed).
         packed_small_updates()
         config.model.dtype = "auto"
         config.optimizer.weight_decay = 0.2
