@@ -55,3 +55,119 @@ def test_compare_peak_is_the_best_round_of_each_library():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [float(rate) for rate in result.stdout.split()] == [2 * 2 * 64**3 / 1e9] * 2
+
+
+# A compiled module as XLA's CPU backend prints it, cut down: a dot handed to YNNPACK in a fusion, a
+# reduction, a transposing copy, an elementwise fusion inside a loop body, a custom call.
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_dot (param_0: f32[4,8], param_1: f32[8,2]) -> f32[4,2] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,2]{1,0} parameter(1)
+  ROOT %dot.1 = f32[4,2]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%region_add (a.1: f32[], b.1: f32[]) -> f32[] {
+  %a.1 = f32[] parameter(0)
+  %b.1 = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a.1, %b.1)
+}
+
+%fused_sum (param_0.1: f32[4,2]) -> f32[4] {
+  %param_0.1 = f32[4,2]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[4]{0} reduce(%param_0.1, %constant.1), dimensions={1}, to_apply=%region_add
+}
+
+%fused_transpose (param_0.2: f32[4,2]) -> f32[2,4] {
+  %param_0.2 = f32[4,2]{1,0} parameter(0)
+  %transpose.1 = f32[2,4]{0,1} transpose(%param_0.2), dimensions={1,0}
+  ROOT %copy.1 = f32[2,4]{1,0} copy(%transpose.1)
+}
+
+%fused_relu (param_0.3: f32[4,2]) -> f32[4,2] {
+  %param_0.3 = f32[4,2]{1,0} parameter(0)
+  %constant.2 = f32[] constant(0)
+  %broadcast.1 = f32[4,2]{1,0} broadcast(%constant.2), dimensions={}
+  ROOT %maximum.1 = f32[4,2]{1,0} maximum(%param_0.3, %broadcast.1)
+}
+
+%body (param.4: (s32[], f32[4,2])) -> (s32[], f32[4,2]) {
+  %param.4 = (s32[], f32[4,2]{1,0}) parameter(0)
+  %gte.1 = s32[] get-tuple-element(%param.4), index=0
+  %gte.2 = f32[4,2]{1,0} get-tuple-element(%param.4), index=1
+  %relu_fusion = f32[4,2]{1,0} fusion(%gte.2), kind=kLoop, calls=%fused_relu
+  ROOT %tuple.1 = (s32[], f32[4,2]{1,0}) tuple(%gte.1, %relu_fusion)
+}
+
+%cond (param.5: (s32[], f32[4,2])) -> pred[] {
+  %param.5 = (s32[], f32[4,2]{1,0}) parameter(0)
+  %gte.3 = s32[] get-tuple-element(%param.5), index=0
+  %constant.3 = s32[] constant(3)
+  ROOT %compare.1 = pred[] compare(%gte.3, %constant.3), direction=LT
+}
+
+ENTRY %main (x: f32[4,8], w: f32[8,2]) -> (f32[2,4], f32[4]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %w = f32[8,2]{1,0} parameter(1)
+  %ynn_fusion = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot
+  %sum_fusion = f32[4]{0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_sum
+  %copy_fusion = f32[2,4]{1,0} fusion(%ynn_fusion), kind=kLoop, calls=%fused_transpose
+  %constant.4 = s32[] constant(0)
+  %tuple.2 = (s32[], f32[4,2]{1,0}) tuple(%constant.4, %ynn_fusion)
+  %while.1 = (s32[], f32[4,2]{1,0}) while(%tuple.2), condition=%cond, body=%body
+  %custom-call.1 = f32[4,2]{1,0} custom-call(%ynn_fusion), custom_call_target="something"
+  ROOT %tuple.3 = (f32[2,4]{1,0}, f32[4]{0}) tuple(%copy_fusion, %sum_fusion)
+}
+"""
+
+
+def test_profile_step_gives_each_op_the_kind_of_what_it_holds():
+    from experiments.benchmarks import profile_step  # noqa: PLC0415
+
+    instructions, computations = profile_step.parse_hlo(_HLO)
+    assert instructions["while.1"] == profile_step.Instruction("while", "(s32[], f32[4,2]{1,0})", ("cond", "body"))
+    assert instructions["sum_fusion"].called == ("fused_sum",) and instructions["reduce.1"].called == ("region_add",)
+    assert computations["body"] == ["param.4", "gte.1", "gte.2", "relu_fusion", "tuple.1"]
+    kinds = profile_step.op_kinds(_HLO)
+    assert {op: kinds[op] for op in ("ynn_fusion", "sum_fusion", "copy_fusion", "relu_fusion", "while.1",
+                                     "custom-call.1", "dot.1", "maximum.1")} == {
+        "ynn_fusion": "products", "sum_fusion": "reductions", "copy_fusion": "copies", "relu_fusion": "elementwise",
+        "while.1": "container", "custom-call.1": "other", "dot.1": "products", "maximum.1": "elementwise"}
+
+
+def test_profile_step_sums_the_traced_ops_of_a_jitted_function(tmp_path):
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from experiments.benchmarks import profile_step  # noqa: PLC0415
+
+    def f(x, w):
+        y = jax.nn.relu(x @ w)
+        total, _ = jax.lax.scan(lambda c, row: (c + jnp.sum(row * row), None), 0.0, y)  # a while loop
+        return jnp.mean(y, axis=-1) * total
+
+    x, w = jnp.ones((256, 128)), jnp.ones((128, 256))
+    fn = jax.jit(f)
+    jax.block_until_ready(fn(x, w))
+    kinds = profile_step.op_kinds(fn.lower(x, w).compile().as_text())
+    times = profile_step.trace_op_times(lambda: fn(x, w), 2, str(tmp_path), module_prefix="jit_f")
+    assert times.wall_seconds > 0 and set(times.by_op) <= set(kinds)  # every traced op is in the HLO
+    assert set(times.calls.values()) >= {1.0}  # per step: ops outside the loop ran once a step
+    seconds = profile_step.by_kind(times, kinds)
+    assert seconds["products"] > 0 and seconds["reductions"] > 0
+    assert sum(seconds.values()) == pytest.approx(sum(s for op, s in times.by_op.items() if kinds[op] != "container"))
+
+
+@pytest.mark.slow
+def test_profile_step_prints_time_by_kind():
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmarks.profile_step", "--shape=multi30k",
+                             "--steps=1", "--top=5"], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.strip("| ").split(" | ") for line in result.stdout.splitlines() if line.startswith("| ")]
+    kinds = [row for row in rows if row[0] in ("products", "reductions", "copies", "elementwise", "other")]
+    assert [row[0] for row in kinds] == ["products", "reductions", "copies", "elementwise", "other"]
+    assert sum(float(row[2].rstrip("%")) for row in kinds) == pytest.approx(100, abs=0.3)
+    assert float(kinds[0][1].replace(",", "")) > 0  # the products took time
+    top = [row for row in rows if len(row) == 6 and row[0] not in ("op", "---")]
+    assert len(top) == 5 and all(row[1] in ("products", "reductions", "copies", "elementwise", "other") for row in top)

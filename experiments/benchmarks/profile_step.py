@@ -1,0 +1,243 @@
+"""Where a train step's time goes, op by op: a `jax.profiler` trace of our step, summed by kind of op.
+
+    python -m experiments.benchmarks.profile_step --shape=base_32k --dtype=float32
+    python -m experiments.benchmarks.profile_step --shape=multi30k --steps=5 --top=25
+
+Traces `--steps` calls of `Trainer.train_step` as shipped for CPU (one of compare.py's shapes, a packed
+batch of `step_parts.packed_rows`, after two warm-up calls), reads the trace back
+(`jax.profiler.ProfileData`) and gives every XLA op the CPU runtime ran (the events that carry an
+`hlo_op`) a kind, from the ops inside it in the step's compiled HLO:
+  * products:    a dot or a convolution (alone, or in the fusion XLA hands to YNNPACK with its
+                 neighbours);
+  * reductions:  a reduce (LayerNorm statistics, softmax sums, the loss, bias gradients);
+  * copies:      data movement only: copy, transpose, slice, concatenate, pad, broadcast, ...;
+  * elementwise: any other fusion (dropout masks, activations, residual adds, Adam);
+  * other:       custom calls, sorts, random bits, ...
+Loops and calls (`while`, `conditional`, `call`) hold other ops, whose events count instead.
+
+Printed: the step's wall time; the op time each runtime thread recorded (XLA runs independent ops
+side by side, and a product's helper threads record nothing, so op time is not CPU time); op time
+by kind, as a share of all op time; and the `--top` ops by time a step. Beside
+`experiments.benchmarks.products` (each product alone against torch's), this says what the rest of
+the step costs. CPU only: it reads the events of XLA's CPU runtime.
+"""
+
+import collections
+import dataclasses
+import glob
+import os
+import re
+import statistics
+import tempfile
+import time
+
+import jax
+from absl import flags
+
+from experiments import cli
+from experiments.benchmarks import compare, step_parts
+from experiments.benchmarks.compare import SHAPES
+
+_TOP = flags.DEFINE_integer("top", 15, "How many of the costliest ops to list.", lower_bound=0)
+_TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard / XProf can open it); "
+                                 "default: a temporary directory, removed afterwards.")
+# --shape is step_parts.py's flag, --dtype and --steps (the traced steps) compare.py's.
+_SHAPE, _DTYPE, _TRACED = step_parts._SHAPE, compare._DTYPE, compare._STEPS
+
+KINDS = ("products", "reductions", "copies", "elementwise", "other")
+_PRODUCT_OPS = {"dot", "convolution"}
+_REDUCE_OPS = {"reduce", "reduce-window"}
+_MOVE_OPS = {"copy", "transpose", "bitcast", "reshape", "slice", "dynamic-slice", "dynamic-update-slice",
+             "concatenate", "pad", "broadcast", "tuple", "get-tuple-element", "reverse", "iota", "gather",
+             "copy-start", "copy-done"}
+_HOLDER_OPS = {"parameter", "constant"}
+_CONTAINER_OPS = {"while", "conditional", "call", "async-start", "async-done", "async-update"}
+_WRAPPER_OPS = {"fusion"}  # a fusion's own opcode says nothing; its body decides
+_OTHER_OPS = {"custom-call", "sort", "rng", "rng-bit-generator", "scatter", "infeed", "outfeed", "send", "recv",
+              "all-reduce", "all-gather", "all-to-all", "collective-permute"}
+_CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    opcode: str
+    type: str  # the result type as printed, e.g. "f32[2048,512]{1,0}"
+    called: tuple[str, ...]  # computations it calls (fusion bodies, reduction regions, loop bodies)
+
+
+def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
+    """(name, result type, opcode, the rest) of one HLO instruction line, or None for other lines."""
+    line = line.strip()
+    if line.startswith("ROOT "):
+        line = line[5:]
+    if not line.startswith("%") or " = " not in line:
+        return None
+    name, rest = line[1:].split(" = ", 1)
+    if rest.startswith("("):  # a tuple type: skip to its closing parenthesis
+        depth = 0
+        for i, ch in enumerate(rest):
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if depth == 0:
+                break
+        type_, rest = rest[:i + 1], rest[i + 1:].lstrip()
+    else:
+        type_, _, rest = rest.partition(" ")
+    opcode, paren, rest = rest.partition("(")
+    if not paren or not re.fullmatch(r"[a-z][a-z0-9\-]*", opcode):
+        return None
+    return name, type_, opcode, rest
+
+
+def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
+    """Every instruction of a module's HLO text, by name, and each computation's instruction names."""
+    instructions, computations, current = {}, {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$", line)
+        if header:
+            current = computations.setdefault(header.group(1), [])
+            continue
+        if current is None:
+            continue
+        parts = _split_instruction(line)
+        if parts is None:
+            continue
+        name, type_, opcode, rest = parts
+        called = []
+        for single, several in _CALLS.findall(rest):
+            called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
+        instructions[name] = Instruction(opcode, type_, tuple(called))
+        current.append(name)
+    return instructions, computations
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> one of KINDS (or "container") for every instruction in `hlo_text`."""
+    instructions, computations = parse_hlo(hlo_text)
+    memo: dict[str, frozenset] = {}
+
+    def opcodes(computation: str) -> frozenset:  # every opcode inside, through fusions and regions
+        if computation not in memo:
+            memo[computation] = frozenset()  # guards against cycles (there are none in valid HLO)
+            found = set()
+            for name in computations.get(computation, ()):
+                found |= inner(instructions[name])
+            memo[computation] = frozenset(found)
+        return memo[computation]
+
+    def inner(ins: Instruction) -> set:
+        found = {ins.opcode}
+        if ins.opcode not in _CONTAINER_OPS:
+            for c in ins.called:
+                found |= opcodes(c)
+        return found
+
+    kinds = {}
+    for name, ins in instructions.items():
+        if ins.opcode in _CONTAINER_OPS:
+            kinds[name] = "container"
+            continue
+        ops = inner(ins) - _HOLDER_OPS - _WRAPPER_OPS
+        if ops & _PRODUCT_OPS:
+            kinds[name] = "products"
+        elif ops & _REDUCE_OPS:
+            kinds[name] = "reductions"
+        elif ops <= _MOVE_OPS:
+            kinds[name] = "copies"
+        elif ops & _OTHER_OPS:
+            kinds[name] = "other"
+        else:
+            kinds[name] = "elementwise"
+    return kinds
+
+
+@dataclasses.dataclass
+class OpTimes:
+    wall_seconds: float  # per step
+    by_op: dict[str, float]  # hlo op name -> seconds per step (op time, summed over threads)
+    by_thread: dict[str, float]  # runtime thread -> op seconds per step
+    calls: dict[str, float]  # hlo op name -> executions per step
+
+
+def trace_op_times(fn, steps: int, trace_dir: str, module_prefix: str = "jit_") -> OpTimes:
+    """Run `fn()` (returns something to wait on) `steps` times under `jax.profiler.trace` and sum the
+    recorded XLA op events (those with an `hlo_op` stat, from modules named `module_prefix`...)."""
+    with jax.profiler.trace(trace_dir):
+        start = time.perf_counter()
+        for _ in range(steps):
+            out = fn()
+        jax.block_until_ready(out)
+        wall = time.perf_counter() - start
+    path = max(glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    profile = jax.profiler.ProfileData.from_file(path)
+    by_op, by_thread, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    for plane in profile.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        for line in plane.lines:
+            for event in line.events:
+                stats = dict(event.stats)
+                op, module = stats.get("hlo_op"), str(stats.get("hlo_module", ""))
+                if op is None or not module.startswith(module_prefix):
+                    continue
+                by_op[op] += event.duration_ns / 1e9 / steps
+                by_thread[line.name] += event.duration_ns / 1e9 / steps
+                calls[op] += 1 / steps
+    return OpTimes(wall / steps, dict(by_op), dict(by_thread), dict(calls))
+
+
+def by_kind(times: OpTimes, kinds: dict[str, str]) -> dict[str, float]:
+    """Seconds per step of each of KINDS (containers left out: their inner ops count)."""
+    out = dict.fromkeys(KINDS, 0.0)
+    for op, seconds in times.by_op.items():
+        kind = kinds.get(op, "other")
+        if kind != "container":
+            out[kind] += seconds
+    return out
+
+
+def report(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instruction], top: int) -> str:
+    kind_seconds = by_kind(times, kinds)
+    total = sum(kind_seconds.values())
+    lines = [f"step wall time {times.wall_seconds * 1e3:,.1f} ms; op time {total * 1e3:,.1f} ms "
+             f"({total / times.wall_seconds:.0%} of the wall time) over {len(times.by_thread)} runtime threads: "
+             + ", ".join(f"{s * 1e3:,.0f}" for s in sorted(times.by_thread.values(), reverse=True)) + " ms",
+             "", "| kind | ms a step | of op time |", "| --- | --- | --- |"]
+    lines += [f"| {k} | {s * 1e3:,.1f} | {s / total:.1%} |" for k, s in kind_seconds.items()]
+    if top:
+        lines += ["", "| op | kind | result | runs a step | ms a step | of op time |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        ranked = sorted(((s, op) for op, s in times.by_op.items() if kinds.get(op) != "container"), reverse=True)
+        for seconds, op in ranked[:top]:
+            ins = instructions.get(op)
+            result = ins.type.split("{")[0] if ins else "?"
+            lines.append(f"| {op} | {kinds.get(op, 'other')} | {result} | {times.calls[op]:g} | "
+                         f"{seconds * 1e3:,.1f} | {seconds / total:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    shape, dtype = _SHAPE.value, _DTYPE.value
+    trainer = step_parts.make_trainer(shape, dtype)
+    batch = trainer.to_global(step_parts.packed_rows(shape))
+    holder = {"state": trainer.init_state(0)}
+
+    def step():
+        holder["state"], out = trainer.train_step(holder["state"], batch)
+        return out
+
+    for _ in range(2):
+        jax.block_until_ready(step())
+    with trainer.context():
+        hlo = trainer._train_step.lower(holder["state"], batch).compile().as_text()
+    kinds, (instructions, _) = op_kinds(hlo), parse_hlo(hlo)
+    untimed = [compare.timed(step, 1) for _ in range(_TRACED.value)]  # the trace's own cost, for the record
+    with tempfile.TemporaryDirectory() as tmp:
+        times = trace_op_times(step, _TRACED.value, _TRACE_DIR.value or tmp)
+    print(f"{shape} {SHAPES[shape][:7]}, {dtype}, JAX {jax.__version__}, {jax.devices()[0].device_kind}; "
+          f"{_TRACED.value} traced steps; untraced {statistics.median(untimed) * 1e3:,.1f} ms a step (median)")
+    print(report(times, kinds, instructions, _TOP.value))
+
+
+if __name__ == "__main__":
+    cli.run(main)
