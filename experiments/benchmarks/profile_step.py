@@ -15,9 +15,9 @@ batch of `step_parts.packed_rows`, after two warm-up calls), reads the trace bac
   * other:       custom calls, sorts, random bits, ...
 Loops and calls (`while`, `conditional`, `call`) hold other ops, whose events count instead.
 
-Printed: the step's wall time; the op time each runtime thread recorded (XLA runs independent ops
-side by side, and a product's helper threads record nothing, so op time is not CPU time); op time
-by kind, as a share of all op time; and the `--top` ops by time a step. Beside
+Printed: the step's wall time; the op time each runtime thread recorded (the ops' event durations:
+XLA runs independent ops side by side, so the sum can pass the wall time, and it is not CPU time);
+op time by kind, as a share of all op time; and the `--top` ops by time a step. Beside
 `experiments.benchmarks.products` (each product alone against torch's), this says what the rest of
 the step costs. CPU only: it reads the events of XLA's CPU runtime.
 """
@@ -203,6 +203,10 @@ def report(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instru
              + ", ".join(f"{s * 1e3:,.0f}" for s in sorted(times.by_thread.values(), reverse=True)) + " ms",
              "", "| kind | ms a step | of op time |", "| --- | --- | --- |"]
     lines += [f"| {k} | {s * 1e3:,.1f} | {s / total:.1%} |" for k, s in kind_seconds.items()]
+    unknown = sorted(set(times.by_op) - set(kinds))
+    if unknown:  # the trace and the HLO should name the same ops; say so where they do not
+        lines.insert(1, f"{len(unknown)} traced ops not in the compiled HLO (counted as other): "
+                        + ", ".join(unknown[:5]))
     if top:
         lines += ["", "| op | kind | result | runs a step | ms a step | of op time |",
                   "| --- | --- | --- | --- | --- | --- |"]
@@ -233,7 +237,7 @@ def main(argv):
     kinds, (instructions, _) = op_kinds(hlo), parse_hlo(hlo)
     untimed = [compare.timed(step, 1) for _ in range(_TRACED.value)]  # the trace's own cost, for the record
     with tempfile.TemporaryDirectory() as tmp:
-        times = trace_op_times(step, _TRACED.value, _TRACE_DIR.value or tmp)
+        times = trace_op_times(step, _TRACED.value, _TRACE_DIR.value or tmp, module_prefix="jit_train_step")
     print(f"{shape} {SHAPES[shape][:7]}, {dtype}, JAX {jax.__version__}, {jax.devices()[0].device_kind}; "
           f"{_TRACED.value} traced steps; untraced {statistics.median(untimed) * 1e3:,.1f} ms a step (median)")
     print(report(times, kinds, instructions, _TOP.value))
