@@ -82,8 +82,10 @@ def eval_batch_shape(run: TrainConfig) -> BatchShape:
 # What the compiled HLO says.
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
+# A line of HLO text: an instruction (name, result type, opcode, the rest of the line) or the header of
+# a computation (its name). Also read by experiments.benchmarks.profile_step.
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w+|bf16|f16|f32|f64|c64|c128)\[([0-9,]*)\]")
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "bf16": 16, "f16": 16, "s32": 32,
          "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128}
@@ -165,7 +167,7 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
     computations: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
-        header = _COMPUTATION.match(line)
+        header = HLO_COMPUTATION.match(line)
         if header and "=" not in line.split("(")[0]:
             current = header.group(1)
             computations[current] = []
@@ -175,7 +177,7 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
     shapes, multiplier = {}, collections.Counter()
     for name, lines in computations.items():
         for line in lines:
-            m = _INSTRUCTION.match(line)
+            m = HLO_INSTRUCTION.match(line)
             if m:
                 shapes[m.group(1)] = _arrays(m.group(2))
     entry = next((n for n in computations if re.search(rf"^ENTRY %{re.escape(n)}\b", text, re.M)), None)
@@ -186,7 +188,7 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
             if not multiplier[name]:
                 continue
             for line in lines:
-                m = _INSTRUCTION.match(line)
+                m = HLO_INSTRUCTION.match(line)
                 if not m or m.group(3) not in ("while", "call", "conditional"):
                     continue
                 trips = re.search(r"known_trip_count\W+n\W+(\d+)", line)
@@ -204,7 +206,7 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
         times = multiplier[name] or 1
         top_level = bool(multiplier[name])
         for line in lines:
-            m = _INSTRUCTION.match(line)
+            m = HLO_INSTRUCTION.match(line)
             if not m:
                 continue
             op, result = m.group(3).removesuffix("-start"), shapes.get(m.group(1), [])

@@ -39,6 +39,7 @@ from absl import flags
 from experiments import cli
 from experiments.benchmarks import compare, step_parts
 from experiments.benchmarks.compare import SHAPES
+from transformer import plan
 
 _TOP = flags.DEFINE_integer("top", 15, "How many of the costliest ops to list.", lower_bound=0)
 _TRACE_DIR = flags.DEFINE_string("trace_dir", None, "Keep the trace here (TensorBoard / XProf can open it); "
@@ -67,43 +68,18 @@ class Instruction:
     called: tuple[str, ...]  # computations it calls (fusion bodies, reduction regions, loop bodies)
 
 
-def _split_instruction(line: str) -> tuple[str, str, str, str] | None:
-    """(name, result type, opcode, the rest) of one HLO instruction line, or None for other lines."""
-    line = line.strip()
-    if line.startswith("ROOT "):
-        line = line[5:]
-    if not line.startswith("%") or " = " not in line:
-        return None
-    name, rest = line[1:].split(" = ", 1)
-    if rest.startswith("("):  # a tuple type: skip to its closing parenthesis
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += {"(": 1, ")": -1}.get(ch, 0)
-            if depth == 0:
-                break
-        type_, rest = rest[:i + 1], rest[i + 1:].lstrip()
-    else:
-        type_, _, rest = rest.partition(" ")
-    opcode, paren, rest = rest.partition("(")
-    if not paren or not re.fullmatch(r"[a-z][a-z0-9\-]*", opcode):
-        return None
-    return name, type_, opcode, rest
-
-
 def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
     """Every instruction of a module's HLO text, by name, and each computation's instruction names."""
     instructions, computations, current = {}, {}, None
     for line in hlo_text.splitlines():
-        header = re.match(r"^(?:ENTRY )?%([\w.\-]+) \(.*\{\s*$", line)
+        header = plan.HLO_COMPUTATION.match(line)
         if header:
             current = computations.setdefault(header.group(1), [])
             continue
-        if current is None:
+        match = plan.HLO_INSTRUCTION.match(line) if current is not None else None
+        if match is None:
             continue
-        parts = _split_instruction(line)
-        if parts is None:
-            continue
-        name, type_, opcode, rest = parts
+        name, type_, opcode, rest = match.groups()
         called = []
         for single, several in _CALLS.findall(rest):
             called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
@@ -114,12 +90,15 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str
 
 def op_kinds(hlo_text: str) -> dict[str, str]:
     """HLO instruction name -> one of KINDS (or "container") for every instruction in `hlo_text`."""
-    instructions, computations = parse_hlo(hlo_text)
+    return kinds_of(*parse_hlo(hlo_text))
+
+
+def kinds_of(instructions: dict[str, Instruction], computations: dict[str, list[str]]) -> dict[str, str]:
+    """`op_kinds` of a module `parse_hlo` has read."""
     memo: dict[str, frozenset] = {}
 
     def opcodes(computation: str) -> frozenset:  # every opcode inside, through fusions and regions
         if computation not in memo:
-            memo[computation] = frozenset()  # guards against cycles (there are none in valid HLO)
             found = set()
             for name in computations.get(computation, ()):
                 found |= inner(instructions[name])
@@ -236,7 +215,8 @@ def main(argv):
         jax.block_until_ready(step())
     with trainer.context():
         hlo = trainer._train_step.lower(holder["state"], batch).compile().as_text()
-    kinds, (instructions, _) = op_kinds(hlo), parse_hlo(hlo)
+    instructions, computations = parse_hlo(hlo)
+    kinds = kinds_of(instructions, computations)
     untimed = [compare.timed(step, 1) for _ in range(_TRACED.value)]  # the trace's own cost, for the record
     with tempfile.TemporaryDirectory() as tmp:
         times = trace_op_times(step, _TRACED.value, _TRACE_DIR.value or tmp, module_prefix="jit_train_step")
