@@ -1,7 +1,8 @@
 """Test set-up and fixtures shared by every test module.
 
-Eight simulated CPU devices let sharding tests build real meshes; the flag must be set before JAX
-initialises its backend, hence here, before any test module imports jax.
+Eight simulated CPU devices let sharding tests build real meshes, and programs compile without
+LLVM's optimisation (FAST_COMPILE, below); the flags must be set before JAX initialises its backend,
+hence here, before any test module imports jax. An `XLA_FLAGS` of the caller's replaces them.
 
 Compiled programs go to a persistent cache in the repository (`.jax_test_cache/`, ignored by git):
 many tests compile the same small model, in both xdist workers, in the subprocesses the end-to-end
@@ -22,7 +23,13 @@ import os
 # (it cost CI 20 minutes at 1,200 s) and crash_rerun runs its test again.
 COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=120 "
                        "--xla_cpu_collective_call_terminate_timeout_seconds=300")
-os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {COLLECTIVE_TIMEOUTS}")
+# LLVM's optimisation of the generated code is most of XLA:CPU's compile time for the tests' small
+# programs, which buy nothing from it: without it the default suite ran 13:02 -> 8:20 cold on 2 cores
+# (2026-12-06). A test that trains for minutes runs slower without it (the Multi30k end-to-end test,
+# slow suite, 309 s -> 363 s), but the slow suite compiles much too and shares the default suite's
+# cache only under the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE} {COLLECTIVE_TIMEOUTS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(REPO, ".jax_test_cache"))
@@ -33,7 +40,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 import pytest  # noqa: E402
 
 # A test whose xdist worker dies (XLA's abort at a deadlocked collective) runs once more, and says so.
-from crash_rerun import (  # noqa: F401
+from crash_rerun import (  # noqa: E402, F401
     pytest_handlecrashitem,
     pytest_report_teststatus,
     pytest_terminal_summary,
