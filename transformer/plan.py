@@ -83,7 +83,7 @@ def eval_batch_shape(run: TrainConfig) -> BatchShape:
 
 
 # A line of HLO text: an instruction (name, result type, opcode, the rest of the line) or the header of
-# a computation (its name). Also read by experiments.benchmarks.profile_step.
+# a computation (its name). experiments.benchmarks.profile_step reads instructions and hlo_computations.
 HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
 HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
 _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w+|bf16|f16|f32|f64|c64|c128)\[([0-9,]*)\]")
@@ -158,12 +158,8 @@ def _source(line: str, opcode: str) -> str:
     return "/".join(parts[-4:]) + (" (backward)" if backward else "")
 
 
-def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] = ()) -> HloSummary:
-    """Collectives and a rough account of HBM traffic from compiled (post-optimisation) HLO text.
-
-    TPU fuses a reduce-scatter into a fusion computation named all-reduce-scatter*: such a fusion
-    counts as one reduce-scatter, not as the all-reduce inside it.
-    """
+def hlo_computations(text: str) -> dict[str, list[str]]:
+    """Each computation of a module's HLO text, by name: its lines, header and closing brace left out."""
     computations: dict[str, list[str]] = {}
     current = None
     for line in text.splitlines():
@@ -173,6 +169,16 @@ def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] =
             computations[current] = []
         elif current is not None and line.strip() and line.strip() != "}":
             computations[current].append(line)
+    return computations
+
+
+def summarise_hlo(text: str, *, num_devices: int, vocab_sizes: tuple[int, ...] = ()) -> HloSummary:
+    """Collectives and a rough account of HBM traffic from compiled (post-optimisation) HLO text.
+
+    TPU fuses a reduce-scatter into a fusion computation named all-reduce-scatter*: such a fusion
+    counts as one reduce-scatter, not as the all-reduce inside it.
+    """
+    computations = hlo_computations(text)
 
     shapes, multiplier = {}, collections.Counter()
     for name, lines in computations.items():

@@ -70,21 +70,16 @@ class Instruction:
 
 def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
     """Every instruction of a module's HLO text, by name, and each computation's instruction names."""
-    instructions, computations, current = {}, {}, None
-    for line in hlo_text.splitlines():
-        header = plan.HLO_COMPUTATION.match(line)
-        if header:
-            current = computations.setdefault(header.group(1), [])
-            continue
-        match = plan.HLO_INSTRUCTION.match(line) if current is not None else None
-        if match is None:
-            continue
-        name, type_, opcode, rest = match.groups()
-        called = []
-        for single, several in _CALLS.findall(rest):
-            called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
-        instructions[name] = Instruction(opcode, type_, tuple(called))
-        current.append(name)
+    instructions, computations = {}, {}
+    for computation, lines in plan.hlo_computations(hlo_text).items():
+        names = computations[computation] = []
+        for match in filter(None, map(plan.HLO_INSTRUCTION.match, lines)):
+            name, type_, opcode, rest = match.groups()
+            called = []
+            for single, several in _CALLS.findall(rest):
+                called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
+            instructions[name] = Instruction(opcode, type_, tuple(called))
+            names.append(name)
     return instructions, computations
 
 
