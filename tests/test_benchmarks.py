@@ -136,6 +136,29 @@ def test_profile_step_gives_each_op_the_kind_of_what_it_holds():
         "while.1": "container", "custom-call.1": "other", "dot.1": "products", "maximum.1": "elementwise"}
 
 
+def test_profile_step_names_the_part_of_the_model_from_the_op_name():
+    from experiments.benchmarks import profile_step  # noqa: PLC0415
+
+    path = "jit(train_step)/jvp(EncoderDecoder)/EncoderDecoder.decode/decoder/layer_0/"
+    backward = "jit(train_step)/transpose(jvp(EncoderDecoder))/EncoderDecoder.encode/encoder/layer_1/"
+    assert profile_step.part_of(path + "self_attention_norm/reduce_sum") == "forward: layer norms"
+    assert profile_step.part_of(path + "cross_attention/cross_attention._project/BTD,DNH->BTNH/dot_general") == (
+        "forward: attention projections")
+    assert profile_step.part_of(backward + "self_attention/BKGTH,BKSH->BKGTS/dot_general") == (
+        "backward: attention: scores, softmax, weighted sum")
+    assert profile_step.part_of(backward + "feed_forward/mul") == "backward: feed-forward"
+    assert profile_step.part_of("jit(train_step)/jvp()/while/body/closed_call/exp") == (
+        "loops outside the model (the fused loss, its gradients included)")
+    assert profile_step.part_of("jit(train_step)/sqrt") == "forward: the rest: optimizer, loss, casts"
+    line = ('  %ynn_fusion.9 = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, '
+            f'metadata={{op_name="{path}feed_forward/dot_general" stack_frame_id=3}}')
+    instructions, _ = profile_step.parse_hlo("ENTRY %main (x: f32[4,8], w: f32[8,2]) -> f32[4,2] {\n" + line + "\n}\n")
+    assert instructions["ynn_fusion.9"].op_name == path + "feed_forward/dot_general"
+    times = profile_step.OpTimes(1.0, {"ynn_fusion.9": 0.25, "unknown.1": 0.5}, {}, {})
+    parts = profile_step.by_part(times, {"ynn_fusion.9": "products"}, instructions)
+    assert parts["forward: feed-forward"]["products"] == 0.25 and parts["unnamed"]["other"] == 0.5
+
+
 def test_profile_step_sums_the_traced_ops_of_a_jitted_function(tmp_path):
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -160,7 +183,7 @@ def test_profile_step_sums_the_traced_ops_of_a_jitted_function(tmp_path):
 
 
 @pytest.mark.slow
-def test_profile_step_prints_time_by_kind():
+def test_profile_step_prints_time_by_kind_and_by_part_of_the_model():
     result = subprocess.run([sys.executable, "-m", "experiments.benchmarks.profile_step", "--shape=multi30k",
                              "--steps=1", "--top=5"], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -169,5 +192,10 @@ def test_profile_step_prints_time_by_kind():
     assert [row[0] for row in kinds] == ["products", "reductions", "copies", "elementwise", "other"]
     assert sum(float(row[2].rstrip("%")) for row in kinds) == pytest.approx(100, abs=0.3)
     assert float(kinds[0][1].replace(",", "")) > 0  # the products took time
+    parts = {row[0]: row[1:] for row in rows if len(row) == 7 and row[0] not in ("part of the model", "---")}
+    assert sum(float(row[1].rstrip("%")) for row in parts.values()) == pytest.approx(100, abs=0.3)
+    assert {"forward: attention projections", "backward: attention: scores, softmax, weighted sum",
+            "forward: layer norms", "loops outside the model (the fused loss, its gradients included)"} <= set(parts)
+    assert float(parts["forward: attention projections"][2].replace(",", "")) > 0  # its products
     top = [row for row in rows if len(row) == 6 and row[0] not in ("op", "---")]
     assert len(top) == 5 and all(row[1] in ("products", "reductions", "copies", "elementwise", "other") for row in top)

@@ -17,7 +17,9 @@ Loops and calls (`while`, `conditional`, `call`) hold other ops, whose events co
 
 Printed: the step's wall time; the op time each runtime thread recorded (the ops' event durations:
 XLA runs independent ops side by side, so the sum can pass the wall time, and it is not CPU time);
-op time by kind, as a share of all op time; and the `--top` ops by time a step. Tracing slows the
+op time by kind, as a share of all op time; op time by part of the model (layer norms, attention
+projections, the rest of attention, feed-forward, ..., forward and backward apart; from the module
+path in each op's `op_name` metadata, `PARTS`) and kind; and the `--top` ops by time a step. Tracing slows the
 step (1.6x at base_32k in float32 on a 2-core Xeon, 2026-12-06); the untraced median printed
 beside it says by how much, so read the shares rather than the times. Beside
 `experiments.benchmarks.products` (each product alone against torch's), this says what the rest of
@@ -58,6 +60,16 @@ _CONTAINER_OPS = {"while", "conditional", "call", "async-start", "async-done", "
 _WRAPPER_OPS = {"fusion"}  # a fusion's own opcode says nothing; its body decides
 _OTHER_OPS = {"custom-call", "sort", "rng", "rng-bit-generator", "scatter", "infeed", "outfeed", "send", "recv",
               "all-reduce", "all-gather", "all-to-all", "collective-permute"}
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# The part of the model an op belongs to, from the module path in its op_name; first match wins
+# (a layer norm sits inside its sublayer's path, the projections inside the attention's).
+PARTS = (("layer norms", ("_norm/", "/norm/", "layer_norm")),
+         ("attention projections", ("._project/",)),
+         ("attention: scores, softmax, weighted sum", ("attention",)),
+         ("feed-forward", ("feed_forward", "/mlp")),
+         ("dropout masks", ("dropout",)),
+         ("embeddings", ("embed",)),
+         ("loops outside the model (the fused loss, its gradients included)", ("/while/body/",)))
 _CALLS = re.compile(r"\b(?:calls|to_apply|body|condition)=%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
 
 
@@ -66,6 +78,7 @@ class Instruction:
     opcode: str
     type: str  # the result type as printed, e.g. "f32[2048,512]{1,0}"
     called: tuple[str, ...]  # computations it calls (fusion bodies, reduction regions, loop bodies)
+    op_name: str = ""  # its metadata's op_name: the JAX call path, modules included, that made it
 
 
 def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str]]]:
@@ -78,7 +91,8 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str
             called = []
             for single, several in _CALLS.findall(rest):
                 called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
-            instructions[name] = Instruction(opcode, type_, tuple(called))
+            op_name = _OP_NAME.search(rest)
+            instructions[name] = Instruction(opcode, type_, tuple(called), op_name.group(1) if op_name else "")
             names.append(name)
     return instructions, computations
 
@@ -171,6 +185,29 @@ def by_kind(times: OpTimes, kinds: dict[str, str]) -> dict[str, float]:
     return out
 
 
+def part_of(op_name: str) -> str:
+    """The model part (one of PARTS' names, or "the rest") of an op_name, "forward: " or "backward: "
+    before it (JAX names the gradient's ops `transpose(jvp(...))`; a loop outside the model, the
+    fused loss, makes its gradients inside its forward pass, so it has neither)."""
+    if not op_name:
+        return "unnamed"
+    part = next((name for name, marks in PARTS if any(m in op_name for m in marks)), "the rest: optimizer, loss, casts")
+    if part == PARTS[-1][0]:
+        return part
+    return ("backward: " if "transpose(" in op_name else "forward: ") + part
+
+
+def by_part(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instruction]) -> dict[str, dict[str, float]]:
+    """Seconds per step by `part_of` and then by kind (containers left out)."""
+    out = collections.defaultdict(lambda: dict.fromkeys(KINDS, 0.0))
+    for op, seconds in times.by_op.items():
+        kind = kinds.get(op, "other")
+        if kind != "container":
+            ins = instructions.get(op)
+            out[part_of(ins.op_name if ins else "")][kind] += seconds
+    return dict(out)
+
+
 def report(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instruction], top: int) -> str:
     kind_seconds = by_kind(times, kinds)
     total = sum(kind_seconds.values())
@@ -183,6 +220,11 @@ def report(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instru
     if unknown:  # the trace and the HLO should name the same ops; say so where they do not
         lines.insert(1, f"{len(unknown)} traced ops not in the compiled HLO (counted as other): "
                         + ", ".join(unknown[:5]))
+    parts = sorted(by_part(times, kinds, instructions).items(), key=lambda item: -sum(item[1].values()))
+    lines += ["", "| part of the model | ms a step | of op time | " + " | ".join(KINDS[:4]) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in KINDS[:4]) + " |"]
+    lines += [f"| {part} | {sum(k.values()) * 1e3:,.1f} | {sum(k.values()) / total:.1%} | "
+              + " | ".join(f"{k[kind] * 1e3:,.1f}" for kind in KINDS[:4]) + " |" for part, k in parts]
     if top:
         lines += ["", "| op | kind | result | runs a step | ms a step | of op time |",
                   "| --- | --- | --- | --- | --- | --- |"]
