@@ -149,7 +149,7 @@ def test_profile_step_names_the_part_of_the_model_from_the_op_name():
     assert profile_step.part_of(backward + "feed_forward/mul") == "backward: feed-forward"
     assert profile_step.part_of("jit(train_step)/jvp()/while/body/closed_call/exp") == (
         "loops outside the model (the fused loss, its gradients included)")
-    assert profile_step.part_of("jit(train_step)/sqrt") == "forward: the rest: optimizer, loss, casts"
+    assert profile_step.part_of("jit(train_step)/sqrt") == "the rest: optimizer, loss outside loops, casts"
     line = ('  %ynn_fusion.9 = f32[4,2]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_dot, '
             f'metadata={{op_name="{path}feed_forward/dot_general" stack_frame_id=3}}')
     instructions, _ = profile_step.parse_hlo("ENTRY %main (x: f32[4,8], w: f32[8,2]) -> f32[4,2] {\n" + line + "\n}\n")
@@ -192,7 +192,7 @@ def test_profile_step_prints_time_by_kind_and_by_part_of_the_model():
     assert [row[0] for row in kinds] == ["products", "reductions", "copies", "elementwise", "other"]
     assert sum(float(row[2].rstrip("%")) for row in kinds) == pytest.approx(100, abs=0.3)
     assert float(kinds[0][1].replace(",", "")) > 0  # the products took time
-    parts = {row[0]: row[1:] for row in rows if len(row) == 7 and row[0] not in ("part of the model", "---")}
+    parts = {row[0]: row[1:] for row in rows if len(row) == 8 and row[0] not in ("part of the model", "---")}
     assert sum(float(row[1].rstrip("%")) for row in parts.values()) == pytest.approx(100, abs=0.3)
     assert {"forward: attention projections", "backward: attention: scores, softmax, weighted sum",
             "forward: layer norms", "loops outside the model (the fused loss, its gradients included)"} <= set(parts)

@@ -19,8 +19,8 @@ Printed: the step's wall time; the op time each runtime thread recorded (the ops
 XLA runs independent ops side by side, so the sum can pass the wall time, and it is not CPU time);
 op time by kind, as a share of all op time; op time by part of the model (layer norms, attention
 projections, the rest of attention, feed-forward, ..., forward and backward apart; from the module
-path in each op's `op_name` metadata, `PARTS`) and kind; and the `--top` ops by time a step. Tracing slows the
-step (1.6x at base_32k in float32 on a 2-core Xeon, 2026-12-06); the untraced median printed
+path in each op's `op_name` metadata, `PARTS`) and kind; and the `--top` ops by time a step.
+Tracing slows the step (1.6x at base_32k in float32 on a 2-core Xeon, 2026-12-06); the untraced median printed
 beside it says by how much, so read the shares rather than the times. Beside
 `experiments.benchmarks.products` (each product alone against torch's), this says what the rest of
 the step costs. CPU only: it reads the events of XLA's CPU runtime.
@@ -186,12 +186,15 @@ def by_kind(times: OpTimes, kinds: dict[str, str]) -> dict[str, float]:
 
 
 def part_of(op_name: str) -> str:
-    """The model part (one of PARTS' names, or "the rest") of an op_name, "forward: " or "backward: "
-    before it (JAX names the gradient's ops `transpose(jvp(...))`; a loop outside the model, the
-    fused loss, makes its gradients inside its forward pass, so it has neither)."""
+    """The part of the model (one of PARTS' names) an op_name belongs to, with "forward: " or
+    "backward: " before it (JAX names the gradient's ops `transpose(jvp(...))`); "the rest: ..."
+    outside the model's modules, and the loop of PARTS' last entry (the fused loss makes its
+    gradients inside its forward pass) without either."""
     if not op_name:
         return "unnamed"
-    part = next((name for name, marks in PARTS if any(m in op_name for m in marks)), "the rest: optimizer, loss, casts")
+    part = next((name for name, marks in PARTS if any(m in op_name for m in marks)), None)
+    if part is None:
+        return "the rest: optimizer, loss outside loops, casts"
     if part == PARTS[-1][0]:
         return part
     return ("backward: " if "transpose(" in op_name else "forward: ") + part
@@ -221,10 +224,10 @@ def report(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instru
         lines.insert(1, f"{len(unknown)} traced ops not in the compiled HLO (counted as other): "
                         + ", ".join(unknown[:5]))
     parts = sorted(by_part(times, kinds, instructions).items(), key=lambda item: -sum(item[1].values()))
-    lines += ["", "| part of the model | ms a step | of op time | " + " | ".join(KINDS[:4]) + " |",
-              "| --- | --- | --- | " + " | ".join("---" for _ in KINDS[:4]) + " |"]
+    lines += ["", "| part of the model | ms a step | of op time | " + " | ".join(KINDS) + " |",
+              "| --- | --- | --- | " + " | ".join("---" for _ in KINDS) + " |"]
     lines += [f"| {part} | {sum(k.values()) * 1e3:,.1f} | {sum(k.values()) / total:.1%} | "
-              + " | ".join(f"{k[kind] * 1e3:,.1f}" for kind in KINDS[:4]) + " |" for part, k in parts]
+              + " | ".join(f"{k[kind] * 1e3:,.1f}" for kind in KINDS) + " |" for part, k in parts]
     if top:
         lines += ["", "| op | kind | result | runs a step | ms a step | of op time |",
                   "| --- | --- | --- | --- | --- | --- |"]
