@@ -83,9 +83,11 @@ def eval_batch_shape(run: TrainConfig) -> BatchShape:
 
 
 # A line of HLO text: an instruction (name, result type, opcode, the rest of the line) or the header of
-# a computation (its name). experiments.benchmarks.profile_step reads instructions and hlo_computations.
+# a computation (its name). experiments.benchmarks.profile_step reads instructions, op names and
+# hlo_computations.
 HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
 HLO_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{\s*$")
+HLO_OP_NAME = re.compile(r'op_name="([^"]*)"')  # an instruction's metadata: the JAX call path that made it
 _ARRAY = re.compile(r"\b(pred|s4|u4|s8|u8|s16|u16|s32|u32|s64|u64|f8e\w+|bf16|f16|f32|f64|c64|c128)\[([0-9,]*)\]")
 _BITS = {"pred": 8, "s4": 4, "u4": 4, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "bf16": 16, "f16": 16, "s32": 32,
          "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64, "c64": 64, "c128": 128}
@@ -144,15 +146,20 @@ class HloSummary:
     pallas_kernels: int = 0  # Mosaic (Pallas TPU) kernel calls, e.g. splash attention
 
 
+def is_backward(op_name: str) -> bool:
+    """Whether an op_name is of the gradient's ops: JAX names them `transpose(jvp(...))`."""
+    return "transpose(" in op_name
+
+
 def _source(line: str, opcode: str) -> str:
     """Where an instruction comes from, from its metadata: "decoder/layer_*/feed_forward (backward)"."""
     if 'custom_call_target="tpu_custom_call"' in line:
         return "Pallas kernels (splash attention)"
-    name = re.search(r'op_name="([^"]*)"', line)
+    name = HLO_OP_NAME.search(line)
     if not name:
         return "asynchronous copies" if opcode.endswith("-done") else opcode
     path = re.sub(r"layer_\d+", "layer_*", name.group(1))
-    backward = "transpose(" in path
+    backward = is_backward(path)
     path = re.sub(r"\b(?:jit|jvp|transpose|checkpoint|remat)\(|\)", "", path)
     parts = [p for p in path.split("/") if p and p not in ("train_step", "eval_step", "translate")]
     return "/".join(parts[-4:]) + (" (backward)" if backward else "")

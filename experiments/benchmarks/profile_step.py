@@ -60,7 +60,6 @@ _CONTAINER_OPS = {"while", "conditional", "call", "async-start", "async-done", "
 _WRAPPER_OPS = {"fusion"}  # a fusion's own opcode says nothing; its body decides
 _OTHER_OPS = {"custom-call", "sort", "rng", "rng-bit-generator", "scatter", "infeed", "outfeed", "send", "recv",
               "all-reduce", "all-gather", "all-to-all", "collective-permute"}
-_OP_NAME = re.compile(r'op_name="([^"]*)"')
 # The part of the model an op belongs to, from the module path in its op_name; first match wins
 # (a layer norm sits inside its sublayer's path, the projections inside the attention's).
 PARTS = (("layer norms", ("_norm/", "/norm/", "layer_norm")),
@@ -91,7 +90,7 @@ def parse_hlo(hlo_text: str) -> tuple[dict[str, Instruction], dict[str, list[str
             called = []
             for single, several in _CALLS.findall(rest):
                 called += [single] if single else [c.strip().lstrip("%") for c in several.split(",") if c.strip()]
-            op_name = _OP_NAME.search(rest)
+            op_name = plan.HLO_OP_NAME.search(rest)
             instructions[name] = Instruction(opcode, type_, tuple(called), op_name.group(1) if op_name else "")
             names.append(name)
     return instructions, computations
@@ -187,7 +186,7 @@ def by_kind(times: OpTimes, kinds: dict[str, str]) -> dict[str, float]:
 
 def part_of(op_name: str) -> str:
     """The part of the model (one of PARTS' names) an op_name belongs to, with "forward: " or
-    "backward: " before it (JAX names the gradient's ops `transpose(jvp(...))`); "the rest: ..."
+    "backward: " before it (`plan.is_backward`); "the rest: ..."
     outside the model's modules, and the loop of PARTS' last entry (the fused loss makes its
     gradients inside its forward pass) without either."""
     if not op_name:
@@ -197,7 +196,7 @@ def part_of(op_name: str) -> str:
         return "the rest: optimizer, loss outside loops, casts"
     if part == PARTS[-1][0]:
         return part
-    return ("backward: " if "transpose(" in op_name else "forward: ") + part
+    return ("backward: " if plan.is_backward(op_name) else "forward: ") + part
 
 
 def by_part(times: OpTimes, kinds: dict[str, str], instructions: dict[str, Instruction]) -> dict[str, dict[str, float]]:
