@@ -20,8 +20,8 @@ XLA runs independent ops side by side, so the sum can pass the wall time, and it
 op time by kind, as a share of all op time; op time by part of the model (layer norms, attention
 projections, the rest of attention, feed-forward, ..., forward and backward apart; from the module
 path in each op's `op_name` metadata, `PARTS`) and kind; and the `--top` ops by time a step.
-Tracing slows the step (1.6x at base_32k in float32 on a 2-core Xeon, 2026-12-06); the untraced median printed
-beside it says by how much, so read the shares rather than the times. Beside
+Tracing slows the step (1.6x at base_32k in float32 on a 2-core Xeon, 2026-12-06); the untraced
+median printed beside it says by how much, so read the shares rather than the times. Beside
 `experiments.benchmarks.products` (each product alone against torch's), this says what the rest of
 the step costs. CPU only: it reads the events of XLA's CPU runtime.
 """
@@ -185,10 +185,10 @@ def by_kind(times: OpTimes, kinds: dict[str, str]) -> dict[str, float]:
 
 
 def part_of(op_name: str) -> str:
-    """The part of the model (one of PARTS' names) an op_name belongs to, with "forward: " or
-    "backward: " before it (`plan.is_backward`); "the rest: ..."
-    outside the model's modules, and the loop of PARTS' last entry (the fused loss makes its
-    gradients inside its forward pass) without either."""
+    """The part of the model (one of PARTS' names) an op_name belongs to, after "forward: " or
+    "backward: " (`plan.is_backward`). PARTS' last entry, the fused loss's loop, has no such prefix
+    (it makes its gradients inside its forward pass); ops outside every part are "the rest: ...",
+    ops without an op_name "unnamed"."""
     if not op_name:
         return "unnamed"
     part = next((name for name, marks in PARTS if any(m in op_name for m in marks)), None)
