@@ -160,8 +160,8 @@ def get_config(variant: str = "full"):
         # decay 0.2, as in `hour` (2026-12-05, a quiet Zen 4, seed 0): 43.20 and 4.07 in 18,000. A quiet Zen 5
         # (2026-12-05/06, seeds 0, 1, 2) reaches the 20,000 ceiling in 73-80 of the 114 minutes: 42.72 and
         # 4.09, 42.94 and 4.15, 42.79 and 4.09 (test 41.66, 41.13, 41.03). With `hour`'s subword
-        # regularization (seed 0, same machine): 43.30 but 4.33, mixed on val, so not taken (one seed);
-        # again on the Xeon below (seed 1, 2026-12-06, 15,100 steps): 43.55 but 4.37 against 42.76 and 4.16.
+        # regularization (seed 0, same machine): 43.30 but 4.33, mixed on val; again on the Xeon below
+        # (seed 1, 2026-12-06, 15,100 steps): 43.55 but 4.37 against 42.76 and 4.16. Not taken.
         # A slower Xeon (2026-12-06, seeds 0 and 1, 120-122 steps a minute) fits 13,250 and 13,400: 43.16
         # and 4.12, 42.76 and 4.16 (test 41.12, 41.01).
         packed_small_updates()
