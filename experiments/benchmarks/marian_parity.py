@@ -82,6 +82,9 @@ def main(argv):
     cfg = trainer.model_cfg.replace(dtype=_DTYPE.value)
     model = models.EncoderDecoder(cfg)
     hf = transformers.MarianMTModel.from_pretrained(out).eval()
+    # Each batch gets its own limit (`max_new_tokens`, as ours); the export's `max_length` would only
+    # draw a warning per batch from `generate`.
+    hf.generation_config.max_length = None
     hf_tokenizer = transformers.MarianTokenizer.from_pretrained(out)
     n = _SENTENCES.value
     sources, references = read("test_2016_flickr.en.gz", n), read("test_2016_flickr.de.gz", n)
