@@ -167,7 +167,8 @@ def get_config(variant: str = "full"):
         # and 4.12, 42.76 and 4.16 (test 41.12, 41.01). Seed 2 there fitted 15,900 at 144 a minute, then
         # the machine slowed and the budget stopped it at 13,797 (learning rate 4.7% of its peak): 42.58
         # and 4.10 (test 41.07). Seed 3 there (2026-12-07) fitted 15,400 at 140 a minute: 42.85 and 4.18
-        # (test 41.22).
+        # (test 41.22). A Zen 4, as shipped (2026-12-07, seed 0), fitted 15,450 at 140 a minute and ran
+        # them all in 102 minutes: 43.06 and 4.11 (test 41.48).
         packed_small_updates()
         config.model.dtype = "auto"
         config.optimizer.weight_decay = 0.2
