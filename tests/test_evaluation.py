@@ -241,3 +241,35 @@ def test_translator_with_alphas_gives_each_alphas_translations_from_one_search(m
     assert by_alpha[0.0] != by_alpha[5.0]  # the length penalty changed some translations
     with pytest.raises(ValueError, match="at least one"):
         translator.with_alphas(params, sentences, [])
+
+
+def test_a_short_batch_is_padded_to_a_power_of_two_rows_not_to_batch_size(monkeypatch):
+    """Every row costs as much as a sentence in the search: 3 sentences at batch_size 16 run as 4 rows,
+    with the same translations as when padded to all 16."""
+    shapes = []
+    real = evaluation.decoding.translate
+
+    def recording(model, params, inputs, **kwargs):
+        shapes.append(inputs.shape)  # runs only while JAX traces
+        return real(model, params, inputs, **kwargs)
+
+    monkeypatch.setattr(evaluation.decoding, "translate", recording)
+    model, params = tiny_model()
+    translator = evaluation.Translator(model, CharTokenizer(), beam_size=2, batch_size=16, max_input_length=32,
+                                       max_extra_length=4)
+    assert [translator.padded_rows(n) for n in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    assert evaluation.Translator(model, CharTokenizer(), batch_size=12).padded_rows(9) == 12  # capped
+    sentences = ["abc", "hgfe", "da"]
+    short = translator(params, sentences)
+    assert [shape[0] for shape in shapes] == [4]
+    monkeypatch.setattr(translator, "padded_rows", lambda rows: translator.batch_size)
+    assert translator(params, sentences) == short
+    assert [shape[0] for shape in shapes] == [4, 16]
+
+
+def test_padded_rows_stay_a_multiple_of_the_batch_shards():
+    model, _ = tiny_model()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    translator = evaluation.Translator(model, CharTokenizer(), batch_size=24, sharding=rows)
+    assert [translator.padded_rows(n) for n in (1, 3, 5, 9, 17, 24)] == [4, 4, 8, 16, 24, 24]

@@ -92,6 +92,15 @@ class Translator:
         outputs = self._translate_all(params, sentences, jnp.asarray(alphas, jnp.float32))
         return dict(zip(alphas, outputs))
 
+    def padded_rows(self, rows: int) -> int:
+        """The rows of a batch holding `rows` sentences: `batch_size` when full; a short batch (the last of
+        a call, or a call with few sentences) is padded only to the next power of two, at least the batch
+        shards' number and a multiple of it, since every row costs as much as a sentence in the search.
+        At most log2(batch_size) more programs per length bucket."""
+        multiple = batch_shards(self.sharding)
+        padded = max(1 << (rows - 1).bit_length(), multiple)
+        return min(-(-padded // multiple) * multiple, self.batch_size)
+
     def _translate_all(self, params, sentences: Sequence[str], alpha) -> list[list[str]]:
         """One list of translations per length penalty in `alpha` (a scalar: one list)."""
         encoded = [self.encode(s) if s.strip() else None for s in sentences]
@@ -100,13 +109,13 @@ class Translator:
         for start in range(0, len(order), self.batch_size):
             rows = order[start:start + self.batch_size]
             length = -(-max(len(encoded[i]) for i in rows) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
-            batch = np.zeros((self.batch_size, length), np.int32)
+            batch = np.zeros((self.padded_rows(len(rows)), length), np.int32)
             for r, i in enumerate(rows):
                 batch[r, :len(encoded[i])] = encoded[i]
             batch[len(rows):, 0] = self.tokenizer.eos_id  # filler rows: an empty sentence
             inputs = jnp.asarray(batch) if self.sharding is None else jax.device_put(batch, self.sharding)
             tokens = np.asarray(jax.device_get(self._translate(params, inputs, alpha=alpha)))
-            tokens = tokens.reshape(self.batch_size, len(outputs), -1)  # [B, A, L]
+            tokens = tokens.reshape(len(batch), len(outputs), -1)  # [B, A, L]
             for r, i in enumerate(rows):
                 for k, output in enumerate(outputs):
                     output[i] = self.tokenizer.decode(tokens[r, k].tolist())
