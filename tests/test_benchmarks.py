@@ -57,6 +57,39 @@ def test_compare_peak_is_the_best_round_of_each_library():
     assert [float(rate) for rate in result.stdout.split()] == [2 * 2 * 64**3 / 1e9] * 2
 
 
+def test_compare_times_each_peer_in_each_dtype():
+    # Unit-level: the sides each peer gets, and their names in the table.
+    code = ("from experiments.benchmarks import compare; "
+            "print(list(compare.peer_sides({'torch': 1, 'flax_wmt': 2}, ['float32', 'bfloat16']))); "
+            "print(list(compare.peer_sides({'torch': 1}, ['bfloat16'])))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [
+        "['torch float32', 'torch bfloat16', 'flax_wmt float32', 'flax_wmt bfloat16']", "['torch']"]
+
+
+@pytest.mark.slow
+def test_compare_against_each_peer_at_its_best_dtype():
+    # The whole benchmark at the Multi30k shape (a small peak product, one step a side): ours in
+    # float32, torch in both dtypes, and the ratio against torch's faster step.
+    result = subprocess.run([sys.executable, "-m", "experiments.benchmarks.compare", "--shapes=multi30k",
+                             "--dtype=float32", "--peer_dtypes=float32,bfloat16", "--steps=1", "--rounds=2",
+                             "--peak_size=128", "--peak_rounds=1"], cwd=REPO, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| shape")).strip("| ").split(" | ")
+    row = dict(zip(header, next(line for line in lines if line.startswith("| multi30k")).strip("| ").split(" | ")))
+    assert list(row)[2:9] == ["ours tok/s", "torch float32 tok/s", "ours / torch float32", "torch bfloat16 tok/s",
+                              "ours / torch bfloat16", "ours / torch best", "ours GFLOP/s (of peak)"]
+    ours, f32, bf16 = (float(row[k].replace(",", "")) for k in ("ours tok/s", "torch float32 tok/s",
+                                                                "torch bfloat16 tok/s"))
+    ratio = lambda key: float(row[key].strip("*x"))  # noqa: E731
+    assert ratio("ours / torch float32") == pytest.approx(ours / f32, abs=0.01)
+    assert ratio("ours / torch best") == pytest.approx(ours / max(f32, bf16), abs=0.01)
+    assert sum(line.endswith("up to its end in the side's dtype.") for line in lines) == 2  # both dtypes' peaks
+
+
 # A compiled module as XLA's CPU backend prints it, cut down: a dot handed to YNNPACK in a fusion, a
 # reduction, a transposing copy, an elementwise fusion inside a loop body, a custom call.
 _HLO = """HloModule jit_step, is_scheduled=true

@@ -4,6 +4,7 @@
     python -m experiments.benchmarks.compare
     python -m experiments.benchmarks.compare --shapes=multi30k,base_32k --steps=3 --rounds=3
     python -m experiments.benchmarks.compare --dtype=bfloat16 --flax_wmt_dir=PATH/flax/examples/wmt
+    python -m experiments.benchmarks.compare --shapes=multi30k --dtype=bfloat16 --peer_dtypes=float32,bfloat16
 
 All sides train an encoder-decoder with one shared embedding (scaled by sqrt(d_model)), sinusoidal
 positions and the tied output projection, on the same full rows of random tokens: forward,
@@ -13,13 +14,17 @@ sub-layer outputs and embedding sums, the paper's places): torch does more dropo
 WMT example's model (`--flax_wmt_dir`, pre-norm, no attention dropout here) is imported from a
 flax checkout, and trained by a step written here after the example's train.py (a soft one-hot
 loss and argmax accuracy over the whole logits). Parameter counts are printed (within 1%). Steps
-alternate between the sides, `--rounds` times, and the median of each side counts, so drift on a
-shared machine hits all alike. FLOPs are the analytic matmul count of
+alternate between the sides, `--rounds` times, each round starting one side later than the one
+before, and the median of each side counts, so drift on a shared machine hits all alike.
+`--peer_dtypes=float32,bfloat16` times each peer in both dtypes and adds `ours / PEER best`, the
+ratio against the peer's faster step: our step in `--dtype` (the recipes compute in bfloat16 on a
+CPU that has it) against each peer as it runs fastest here (on a CPU the Flax WMT model often runs
+slower in bfloat16 than in float32, torch faster). FLOPs are the analytic matmul count of
 `transformer.metrics.flops_per_token`; the peak is the faster of JAX's and torch's [2048, 2048]
-matmul rates in `--dtype`, measured in this run before the first shape and again after each (the
+(`--peak_size`) matmul rates in each dtype timed, measured in this run before the first shape and again after each (the
 best of `--peak_rounds` rounds each time); a row's fractions are of the highest peak measured up to
 its end (one measurement at the start alone read 25% low on a Zen 5 on 2026-12-06). Ours runs as
-shipped for CPU: `--loss_block_tokens=256`.
+shipped for CPU: `--loss_block_tokens=256`. Each side's fraction is of the peak in its own dtype.
 """
 
 import math
@@ -55,8 +60,13 @@ _LOSS_BLOCK = flags.DEFINE_integer("loss_block_tokens", 256, "Our ModelConfig.lo
 _FLAX_WMT = flags.DEFINE_string("flax_wmt_dir", None, "Also time the Flax WMT example's model: the examples/wmt "
                                  "directory of a github.com/google/flax checkout (its models.py is imported from "
                                  "there, not copied here).")
+_PEER_DTYPES = flags.DEFINE_list(
+    "peer_dtypes", None, "The peers' compute dtypes (default: --dtype). With both, each peer is timed in each and "
+    "`ours / PEER best` is against the faster: our step in --dtype against each peer at its best on this machine.")
 _PEAK_ROUNDS = flags.DEFINE_integer("peak_rounds", 3, "Rounds of 10 square products per peak measurement (the best "
                                     "counts).", lower_bound=1)
+_PEAK_SIZE = flags.DEFINE_integer("peak_size", 2048, "n of the [n, n] @ [n, n] products that measure the peak.",
+                                  lower_bound=16)
 _PRNG = flags.DEFINE_enum("prng_impl", "", ["", "threefry2x32", "rbg", "unsafe_rbg"],
                           "Our dropout masks' PRNG (jax_default_prng_impl; '' = JAX's default, threefry).")
 
@@ -232,6 +242,13 @@ class FlaxWMT:
         return seconds
 
 
+def peer_sides(peers: dict, dtypes: list[str]) -> dict[str, tuple[str, type, str]]:
+    """{side name: (peer, runner class, dtype)}: each peer in each of `dtypes`, named by the peer
+    alone when there is one dtype, else "PEER DTYPE"."""
+    return {(peer if len(dtypes) == 1 else f"{peer} {dtype}"): (peer, cls, dtype)
+            for peer, cls in peers.items() for dtype in dtypes}
+
+
 def main(argv):
     del argv
     import torch  # noqa: PLC0415
@@ -239,46 +256,65 @@ def main(argv):
     unknown = sorted(set(_SHAPES.value) - set(SHAPES))
     if unknown:
         raise cli.UserError(f"--shapes: unknown {unknown}; choose from {', '.join(SHAPES)}.")
+    peer_dtypes = list(dict.fromkeys(_PEER_DTYPES.value or [_DTYPE.value]))
+    if set(peer_dtypes) - {"float32", "bfloat16"}:
+        raise cli.UserError(f"--peer_dtypes: {peer_dtypes}; choose from float32, bfloat16.")
     runtime.use_prng_impl(_PRNG.value)
-    jax_peak, torch_peak = matmul_gflops(_DTYPE.value, rounds=_PEAK_ROUNDS.value)
-    peaks = [max(jax_peak, torch_peak)]
+    dtypes = list(dict.fromkeys([_DTYPE.value, *peer_dtypes]))
+
+    def peak(dtype):
+        return matmul_gflops(dtype, n=_PEAK_SIZE.value, rounds=_PEAK_ROUNDS.value)
+
+    first = {dtype: peak(dtype) for dtype in dtypes}
+    peaks = {dtype: [max(rates)] for dtype, rates in first.items()}
     print(f"{time.strftime('%Y-%m-%d')}: JAX {jax.__version__}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), {jax.devices()[0].device_kind}, our PRNG "
-          f"{jax.config.jax_default_prng_impl}; {_DTYPE.value} matmul peak: "
-          f"JAX {jax_peak:.0f}, torch {torch_peak:.0f} GFLOP/s (measured again after each shape); freed host memory "
-          f"kept (all sides): {'yes' if runtime.host_memory_kept() else 'no'}")
+          f"{jax.config.jax_default_prng_impl}; ours in {_DTYPE.value}, the peers in {', '.join(peer_dtypes)}; matmul "
+          "peak: " + "; ".join(f"{dtype} JAX {j:.0f}, torch {t:.0f} GFLOP/s" for dtype, (j, t) in first.items())
+          + " (measured again after each shape); freed host memory kept (all sides): "
+          f"{'yes' if runtime.host_memory_kept() else 'no'}")
     peers = {"torch": Torch} | ({"flax_wmt": FlaxWMT} if _FLAX_WMT.value else {})
+    sides = peer_sides(peers, peer_dtypes)
+    of_peer = {peer: [side for side, (p, _, _) in sides.items() if p == peer] for peer in peers}
     header = ["shape", "params ours / " + " / ".join(peers), "ours tok/s"]
-    for peer in peers:
-        header += [f"{peer} tok/s", f"ours / {peer}"]
-    header += ["ours GFLOP/s (of peak)"] + [f"{peer} GFLOP/s (of peak)" for peer in peers]
+    for side in sides:
+        header += [f"{side} tok/s", f"ours / {side}"]
+    if len(peer_dtypes) > 1:
+        header += [f"ours / {peer} best" for peer in peers]
+    header += ["ours GFLOP/s (of peak)"] + [f"{side} GFLOP/s (of peak)" for side in sides]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
     for name in _SHAPES.value:
         vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
-        sides = {"ours": Ours(*shape, dtype=_DTYPE.value, loss_block_tokens=_LOSS_BLOCK.value)}
-        sides.update({peer: cls(*shape, dtype=_DTYPE.value) for peer, cls in peers.items()})
-        times = {side: [] for side in sides}
-        for _ in range(_ROUNDS.value):
-            for side, runner in sides.items():
-                times[side].append(runner.run(_STEPS.value))
+        runners = {"ours": Ours(*shape, dtype=_DTYPE.value, loss_block_tokens=_LOSS_BLOCK.value)}
+        runners.update({side: cls(*shape, dtype=dtype) for side, (_, cls, dtype) in sides.items()})
+        side_dtype = {"ours": _DTYPE.value} | {side: dtype for side, (_, _, dtype) in sides.items()}
+        times = {side: [] for side in runners}
+        order = list(runners)
+        for r in range(_ROUNDS.value):  # each round starts one side later: no side always follows the same one
+            for side in order[r % len(order):] + order[:r % len(order)]:
+                times[side].append(runners[side].run(_STEPS.value))
         step = {side: statistics.median(t) for side, t in times.items()}
-        peaks.append(max(matmul_gflops(_DTYPE.value, rounds=_PEAK_ROUNDS.value)))  # again after each shape
-        peak = max(peaks)
+        for dtype in dtypes:  # again after each shape
+            peaks[dtype].append(max(peak(dtype)))
         tokens = batch * length
         flops = tokens * metrics.flops_per_token(
             d_model=d_model, d_ff=d_ff, num_heads=heads, num_encoder_layers=layers, num_decoder_layers=layers,
             vocab_size=vocab, source_length=length, target_length=length)
         rate = {side: flops / s / 1e9 for side, s in step.items()}
+        params = [runners["ours"].params] + [runners[of_peer[peer][0]].params for peer in peers]
         row = [f"{name} ({vocab}, {d_model}, {heads}, {d_ff}, {layers}+{layers}, {batch}x{length})",
-               " / ".join(f"{runner.params / 1e6:.2f}M" for runner in sides.values()),
-               f"{tokens / step['ours']:,.0f}"]
-        for peer in peers:
-            row += [f"{tokens / step[peer]:,.0f}", f"**{step[peer] / step['ours']:.2f}x**"]
-        row += [f"{rate[side]:.0f} ({rate[side] / peak:.0%})" for side in sides]
+               " / ".join(f"{n / 1e6:.2f}M" for n in params), f"{tokens / step['ours']:,.0f}"]
+        for side in sides:
+            row += [f"{tokens / step[side]:,.0f}", f"**{step[side] / step['ours']:.2f}x**"]
+        if len(peer_dtypes) > 1:
+            row += [f"**{min(step[side] for side in of_peer[peer]) / step['ours']:.2f}x**" for peer in peers]
+        row += [f"{rate[side]:.0f} ({rate[side] / max(peaks[side_dtype[side]]):.0%})" for side in runners]
         print("| " + " | ".join(row) + " |", flush=True)
-    print(f"{_DTYPE.value} matmul peak, measured before the first shape and after each: "
-          + ", ".join(f"{p:.0f}" for p in peaks) + " GFLOP/s; each row's fraction is of the highest up to its end.")
+    for dtype in dtypes:
+        print(f"{dtype} matmul peak, measured before the first shape and after each: "
+              + ", ".join(f"{p:.0f}" for p in peaks[dtype]) + " GFLOP/s; each row's fraction is of the highest "
+              "up to its end in the side's dtype.")
 
 
 if __name__ == "__main__":
