@@ -19,12 +19,14 @@ before, and the median of each side counts, so drift on a shared machine hits al
 `--peer_dtypes=float32,bfloat16` times each peer in both dtypes and adds `ours / PEER best`, the
 ratio against the peer's faster step: our step in `--dtype` (the recipes compute in bfloat16 on a
 CPU that has it) against each peer as it runs fastest here (on a CPU the Flax WMT model often runs
-slower in bfloat16 than in float32, torch faster). FLOPs are the analytic matmul count of
-`transformer.metrics.flops_per_token`; the peak is the faster of JAX's and torch's [2048, 2048]
-(`--peak_size`) matmul rates in each dtype timed, measured in this run before the first shape and again after each (the
-best of `--peak_rounds` rounds each time); a row's fractions are of the highest peak measured up to
-its end (one measurement at the start alone read 25% low on a Zen 5 on 2026-12-06). Ours runs as
-shipped for CPU: `--loss_block_tokens=256`. Each side's fraction is of the peak in its own dtype.
+slower in bfloat16 than in float32, torch faster); with both peers that is five sides in one
+process, a peak RSS of 22 GiB for `--shapes=base_8k,big_32k` on 2026-12-07 (on 24 GiB, one shape a run).
+FLOPs are the analytic matmul count of `transformer.metrics.flops_per_token`; the peak is the faster
+of JAX's and torch's [2048, 2048] (`--peak_size`) matmul rates in each dtype timed, measured in this
+run before the first shape and again after each (the best of `--peak_rounds` rounds each time); a
+row's fractions are of the highest peak measured up to its end (one measurement at the start alone
+read 25% low on a Zen 5 on 2026-12-06). Ours runs as shipped for CPU: `--loss_block_tokens=256`.
+Each side's fraction is of the peak in its own dtype.
 """
 
 import math
