@@ -88,6 +88,8 @@ def test_compare_against_each_peer_at_its_best_dtype():
     assert ratio("ours / torch float32") == pytest.approx(ours / f32, abs=0.01)
     assert ratio("ours / torch best") == pytest.approx(ours / max(f32, bf16), abs=0.01)
     assert sum(line.endswith("up to its end in the side's dtype.") for line in lines) == 2  # both dtypes' peaks
+    faults = next(line for line in lines if line.startswith("multi30k: page faults in the timed rounds, "))
+    assert [part.rsplit(" ", 1)[0] for part in faults.split(", ")[1:]] == ["ours", "torch float32", "torch bfloat16"]
 
 
 # A compiled module as XLA's CPU backend prints it, cut down: a dot handed to YNNPACK in a fusion, a

@@ -14,22 +14,27 @@ sub-layer outputs and embedding sums, the paper's places): torch does more dropo
 WMT example's model (`--flax_wmt_dir`, pre-norm, no attention dropout here) is imported from a
 flax checkout, and trained by a step written here after the example's train.py (a soft one-hot
 loss and argmax accuracy over the whole logits). Parameter counts are printed (within 1%). Steps
-alternate between the sides, `--rounds` times, each round starting one side later than the one
-before, and the median of each side counts, so drift on a shared machine hits all alike.
-`--peer_dtypes=float32,bfloat16` times each peer in both dtypes and adds `ours / PEER best`, the
-ratio against the peer's faster step: our step in `--dtype` (the recipes compute in bfloat16 on a
-CPU that has it) against each peer as it runs fastest here (on a CPU the Flax WMT model often runs
-slower in bfloat16 than in float32, torch faster); with both peers that is five sides in one
-process, a peak RSS of 22 GiB for `--shapes=base_8k,big_32k` on 2026-12-07 (on 24 GiB, one shape a run).
-FLOPs are the analytic matmul count of `transformer.metrics.flops_per_token`; the peak is the faster
-of JAX's and torch's [2048, 2048] (`--peak_size`) matmul rates in each dtype timed, measured in this
-run before the first shape and again after each (the best of `--peak_rounds` rounds each time); a
-row's fractions are of the highest peak measured up to its end (one measurement at the start alone
-read 25% low on a Zen 5 on 2026-12-06). Ours runs as shipped for CPU: `--loss_block_tokens=256`.
-Each side's fraction is of the peak in its own dtype.
+alternate between the sides, `--rounds` times after `--warmup_rounds` untimed ones, each round
+starting one side later than the one before, and the median of each side counts, so drift on a
+shared machine hits all alike. The page faults each side took in its timed rounds are printed under
+the table: a side whose step allocates more than the memory freed before it takes fresh pages from
+the kernel, and runs slower in that round (the Flax WMT model's float32 step, whose logits are not
+fused with the loss, took up to 2.8 GB of them in a round beside the four other sides on 2026-12-07,
+and ran ~20% slower). `--peer_dtypes=float32,bfloat16` times each peer in both dtypes and adds
+`ours / PEER best`, the ratio against the peer's faster step: our step in `--dtype` (the recipes compute
+in bfloat16 on a CPU that has it) against each peer as it runs fastest here (on a CPU the Flax WMT
+model often runs slower in bfloat16 than in float32, torch faster); with both peers that is five
+sides in one process, a peak RSS of 22 GiB for `--shapes=base_8k,big_32k` on 2026-12-07 (on 24 GiB,
+one shape a run). FLOPs are the analytic matmul count of `transformer.metrics.flops_per_token`; the
+peak is the faster of JAX's and torch's [2048, 2048] (`--peak_size`) matmul rates in each dtype
+timed, measured in this run before the first shape and again after each (the best of `--peak_rounds`
+rounds each time); a row's fractions are of the highest peak measured up to its end (one measurement
+at the start alone read 25% low on a Zen 5 on 2026-12-06). Ours runs as shipped for CPU:
+`--loss_block_tokens=256`. Each side's fraction is of the peak in its own dtype.
 """
 
 import math
+import resource
 import statistics
 import time
 
@@ -53,6 +58,8 @@ SHAPES = {
 _SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which shapes: {', '.join(SHAPES)}.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per round and side.", lower_bound=1)
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating rounds (ours, torch, ours, ...).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup_rounds", 1, "Untimed rounds of every side, in the same alternation, before "
+                               "the timed ones.", lower_bound=0)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
                            "Compute dtype of both sides: ours ModelConfig.dtype (float32 master weights, "
                            "bf16 x bf16 -> f32 products), torch's torch.autocast(dtype=...).")
@@ -286,16 +293,23 @@ def main(argv):
     header += ["ours GFLOP/s (of peak)"] + [f"{side} GFLOP/s (of peak)" for side in sides]
     print("| " + " | ".join(header) + " |")
     print("|" + " --- |" * len(header))
+    notes = []
     for name in _SHAPES.value:
         vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
         runners = {"ours": Ours(*shape, dtype=_DTYPE.value, loss_block_tokens=_LOSS_BLOCK.value)}
         runners.update({side: cls(*shape, dtype=dtype) for side, (_, cls, dtype) in sides.items()})
         side_dtype = {"ours": _DTYPE.value} | {side: dtype for side, (_, _, dtype) in sides.items()}
         times = {side: [] for side in runners}
-        order = list(runners)
-        for r in range(_ROUNDS.value):  # each round starts one side later: no side always follows the same one
+        order, faults = list(runners), dict.fromkeys(runners, 0)
+        for r in range(-_WARMUP.value, _ROUNDS.value):  # each round starts one side later than the one before
             for side in order[r % len(order):] + order[:r % len(order)]:
-                times[side].append(runners[side].run(_STEPS.value))
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                seconds = runners[side].run(_STEPS.value)
+                if r >= 0:
+                    times[side].append(seconds)
+                    faults[side] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+        notes.append(f"{name}: page faults in the timed rounds, "
+                     + ", ".join(f"{side} {n:,}" for side, n in faults.items()))
         step = {side: statistics.median(t) for side, t in times.items()}
         for dtype in dtypes:  # again after each shape
             peaks[dtype].append(max(peak(dtype)))
@@ -313,6 +327,7 @@ def main(argv):
             row += [f"**{min(step[side] for side in of_peer[peer]) / step['ours']:.2f}x**" for peer in peers]
         row += [f"{rate[side]:.0f} ({rate[side] / max(peaks[side_dtype[side]]):.0%})" for side in runners]
         print("| " + " | ".join(row) + " |", flush=True)
+    print("\n".join(notes))
     for dtype in dtypes:
         print(f"{dtype} matmul peak, measured before the first shape and after each: "
               + ", ".join(f"{p:.0f}" for p in peaks[dtype]) + " GFLOP/s; each row's fraction is of the highest "
