@@ -285,6 +285,7 @@ def main(argv):
     peers = {"torch": Torch} | ({"flax_wmt": FlaxWMT} if _FLAX_WMT.value else {})
     sides = peer_sides(peers, peer_dtypes)
     of_peer = {peer: [side for side, (p, _, _) in sides.items() if p == peer] for peer in peers}
+    side_dtype = {"ours": _DTYPE.value} | {side: dtype for side, (_, _, dtype) in sides.items()}
     header = ["shape", "params ours / " + " / ".join(peers), "ours tok/s"]
     for side in sides:
         header += [f"{side} tok/s", f"ours / {side}"]
@@ -298,7 +299,6 @@ def main(argv):
         vocab, d_model, heads, d_ff, layers, batch, length, dropout = shape = SHAPES[name]
         runners = {"ours": Ours(*shape, dtype=_DTYPE.value, loss_block_tokens=_LOSS_BLOCK.value)}
         runners.update({side: cls(*shape, dtype=dtype) for side, (_, cls, dtype) in sides.items()})
-        side_dtype = {"ours": _DTYPE.value} | {side: dtype for side, (_, _, dtype) in sides.items()}
         times = {side: [] for side in runners}
         order, faults = list(runners), dict.fromkeys(runners, 0)
         for r in range(-_WARMUP.value, _ROUNDS.value):  # each round starts one side later than the one before
