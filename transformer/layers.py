@@ -110,6 +110,11 @@ def layer_norm(x, scale, bias, epsilon: float, dtype):
     computed in float32 from x (kept in its own dtype) and the per-row statistics: XLA's own
     gradient of the same expression materialises broadcasts of the statistics and parameters at
     the full [..., D] size (several passes per norm at d_model 128 on CPU).
+
+    Every row sum, forward and backward, is of an expression of x and g alone (the variance as
+    mean(x^2) - mean(x)^2, as flax's `use_fast_variance` computes it; mean(g' x^) from mean(g' x)),
+    never of one that broadcasts another row sum back over D: XLA:CPU's YNNPACK fusions run such
+    chains of reductions several times slower (2026-12-07).
     """
     return _layer_norm_forward(x, scale, bias, epsilon, dtype)[0]
 
@@ -121,7 +126,8 @@ def _normalised(x, mean, inv_std):
 def _layer_norm_forward(x, scale, bias, epsilon, dtype):
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
-    inv_std = jax.lax.rsqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True) + epsilon)
+    variance = jnp.maximum(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    inv_std = jax.lax.rsqrt(variance + epsilon)
     y = _normalised(x, mean, inv_std) * scale + bias
     return y.astype(dtype), (x, mean, inv_std, scale)
 
@@ -130,10 +136,13 @@ def _layer_norm_backward(epsilon, dtype, residuals, grad):
     del epsilon, dtype
     x, mean, inv_std, scale = residuals
     grad = grad.astype(jnp.float32)
-    normalised = _normalised(x, mean, inv_std)
     scaled = grad * scale
-    dx = inv_std * (scaled - jnp.mean(scaled, axis=-1, keepdims=True)
-                    - normalised * jnp.mean(scaled * normalised, axis=-1, keepdims=True))
+    scaled_mean = jnp.mean(scaled, axis=-1, keepdims=True)
+    # mean(g' x^) = (mean(g' x) - mean(x) mean(g')) / sigma
+    scaled_normalised_mean = (jnp.mean(scaled * x.astype(jnp.float32), axis=-1, keepdims=True)
+                              - mean * scaled_mean) * inv_std
+    normalised = _normalised(x, mean, inv_std)
+    dx = inv_std * (scaled - scaled_mean - normalised * scaled_normalised_mean)
     leading = tuple(range(x.ndim - 1))
     return dx.astype(x.dtype), jnp.sum(grad * normalised, axis=leading), jnp.sum(grad, axis=leading)
 
