@@ -200,8 +200,9 @@ def _softmax_attention(query, key, value, mask):
     gradient w * (dw - sum_s w dw) in one pass over the [T, S] arrays. Masked weights are 0, so
     their gradients are too. (FlashAttention's identity sum_s w_s dw_s = sum_h dout_h out_h, Dao et
     al. 2022, reads fewer bytes, but XLA:CPU puts that [T, H] reduction, broadcast over S, into a
-    YNNPACK fusion 5x slower than this one: without it the bfloat16 Multi30k step ran 1.06-1.10x
-    faster, and this whole call 1.1-1.5x at [64, 64, 4, 32] and [32, 64, 8, 64], 2026-12-07.)
+    YNNPACK fusion 5x slower than this one: without it the bfloat16 Multi30k step ran 1.05-1.06x
+    faster, and this whole call in bfloat16 1.33x at [64, 64, 4, 32] and 1.51x at [32, 64, 8, 64],
+    2026-12-07.)
 
     The products run head-major: queries, keys and values are copied to [B, K, (G,) T, H] first,
     and the key and value gradients read transposed copies of the [T, S] arrays, so that every
