@@ -137,12 +137,12 @@ def _layer_norm_backward(epsilon, dtype, residuals, grad):
     del epsilon, dtype
     x, mean, inv_std, scale = residuals
     grad = grad.astype(jnp.float32)
+    xf = x.astype(jnp.float32)
     scaled = grad * scale
     scaled_mean = jnp.mean(scaled, axis=-1, keepdims=True)
     # mean(g' x^) = (mean(g' x) - mean(x) mean(g')) / sigma
-    scaled_normalised_mean = (jnp.mean(scaled * x.astype(jnp.float32), axis=-1, keepdims=True)
-                              - mean * scaled_mean) * inv_std
-    normalised = _normalised(x, mean, inv_std)
+    scaled_normalised_mean = (jnp.mean(scaled * xf, axis=-1, keepdims=True) - mean * scaled_mean) * inv_std
+    normalised = _normalised(xf, mean, inv_std)
     dx = inv_std * (scaled - scaled_mean - normalised * scaled_normalised_mean)
     leading = tuple(range(x.ndim - 1))
     return dx.astype(x.dtype), jnp.sum(grad * normalised, axis=leading), jnp.sum(grad, axis=leading)
