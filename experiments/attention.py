@@ -23,7 +23,7 @@ _TEXT = flags.DEFINE_string("text", None, "The sentence (a run with a SentencePi
 _TOKENS = flags.DEFINE_list("tokens", None, "Token ids instead of --text, comma-separated (e.g. 5,9,12); EOS is "
                             "appended.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (default: <workdir>/attention).")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to use.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", list(inference.CHECKPOINTS), "Which checkpoint to use.")
 _STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
 _BEAM = flags.DEFINE_integer("beam_size", None, "Translation: beam size (1 = greedy); default: the run's config.",
                              lower_bound=1, upper_bound=64)

@@ -12,7 +12,7 @@ from transformer import inference, runtime
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a training run.")
 _SPLIT = flags.DEFINE_string("split", "validation", "Split of the run's dataset to score.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to score.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", list(inference.CHECKPOINTS), "Which checkpoint to score.")
 _STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
 _BEAM = flags.DEFINE_integer("beam_size", None, "Beam size (1 = greedy); default: the run's config.",
                              lower_bound=1, upper_bound=64)

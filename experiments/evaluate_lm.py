@@ -13,7 +13,7 @@ from transformer import inference, runtime
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a stream language-model run.")
 _SPLIT = flags.DEFINE_string("split", None, "Split to score (default: the run's eval split).")
 _MEMORY = flags.DEFINE_list("eval_memory_length", ["0"], "Evaluation memory lengths (0 = no memory).")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to score.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", list(inference.CHECKPOINTS), "Which checkpoint to score.")
 _STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
 flags.mark_flags_as_required(["workdir"])
 

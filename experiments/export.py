@@ -14,10 +14,10 @@ Needs the `marian` extra: pip install -e ".[marian]".
 from absl import flags
 
 from experiments import cli
-from transformer import marian
+from transformer import inference, marian
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Workdir of a translation run.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to export.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", list(inference.CHECKPOINTS), "Which checkpoint to export.")
 _STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
 _FORMAT = flags.DEFINE_enum("format", "marian", ["marian"], "Target format (Hugging Face MarianMT).")
 _OUT = flags.DEFINE_string("out", None, "Directory to write (created; files in it are replaced).")

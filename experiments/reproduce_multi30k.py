@@ -8,7 +8,10 @@
 
 The length penalty is chosen on val: the averaged model decodes val with each of --alphas (the
 paper's practice: "chosen after experimentation on the development set"), and test is decoded
-once, with the alpha that scored best on val (lowercased BLEU). Test never takes part in a choice.
+once, with the alpha that scored best on val (lowercased BLEU). A run that kept a moving average of its
+parameters (optimizer.ema_decay > 0) decodes val with it too, and test is decoded with whichever of
+the two (averaged checkpoints, moving average) and alpha scored best on val. Test never takes part in
+a choice.
 
 Data: --raw_dir (the *.en.gz / *.de.gz files), by default ../shared/data/multi30k when it exists,
 otherwise the files are downloaded. Prints progress, then a results table; writes
@@ -77,32 +80,44 @@ def main(argv):
     # Greedy decoding has no length penalty to choose: the config's alpha (unused) stands.
     alphas = alphas if run.decode.beam_size > 1 else [None]
 
-    scorer = inference.SplitScorer(workdir, "averaged")  # restored once; val's perplexity computed once
-
-    if len(alphas) > 1:  # one beam search over val serves every alpha (`SplitScorer.score_alphas`)
-        on_val = scorer.score_alphas("validation", alphas)
-    else:
-        on_val = {alphas[0]: scorer.score("validation", alpha=alphas[0])}
-    for scores in on_val.values():
-        print(f"validation (alpha {scores['alpha']:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU "
-              f"{scores['bleu_lc']:.2f}, length ratio {scores['length_ratio']:.3f}", flush=True)
-
-    def evaluate_val(alpha):
-        return {k: on_val[alpha][k] for k in keys}
-
-    best, search = evaluation.choose_on_val(evaluate_val, alphas)
+    # Restored once; val's perplexity computed once. With optimizer.ema_decay, the moving average of the
+    # parameters is a second candidate, chosen or not on val with the alpha (the averaged checkpoints
+    # win ties); it shares the compiled searches.
+    scorers = {"averaged": inference.SplitScorer(workdir, "averaged")}
+    if run.optimizer.ema_decay:
+        scorers["ema"] = scorers["averaged"].sibling("ema")
+    chosen = {}  # weights -> (the alpha chosen on val, {alpha: val scores})
+    for weights, scorer in scorers.items():
+        if len(alphas) > 1:  # one beam search over val serves every alpha (`SplitScorer.score_alphas`)
+            on_val = scorer.score_alphas("validation", alphas)
+        else:
+            on_val = {alphas[0]: scorer.score("validation", alpha=alphas[0])}
+        for scores in on_val.values():
+            print(f"validation ({weights}, alpha {scores['alpha']:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU "
+                  f"{scores['bleu_lc']:.2f}, length ratio {scores['length_ratio']:.3f}, perplexity "
+                  f"{scores['perplexity']:.2f}", flush=True)
+        chosen[weights] = evaluation.choose_on_val(lambda alpha, on_val=on_val: {k: on_val[alpha][k] for k in keys},
+                                                   alphas)
+    weights = max(chosen, key=lambda w: chosen[w][1][chosen[w][0]]["bleu_lc"])
+    best, search = chosen[weights]
+    scorer = scorers[weights]
+    results["weights"] = weights
     results["splits"]["validation"] = search[best]
     if len(search) > 1:
         results["alpha_search"] = {f"{a:g}": {k: s[k] for k in ("bleu", "bleu_lc", "length_ratio")}
                                     for a, s in search.items()}
         print(f"Length penalty chosen on val: alpha {best:g}", flush=True)
+    if len(chosen) > 1:
+        results["weights_search"] = {w: {"alpha": a, **{k: s[a][k] for k in ("bleu", "bleu_lc", "perplexity")}}
+                                     for w, (a, s) in chosen.items()}
+        print(f"Weights chosen on val: {weights} (ema_decay {run.optimizer.ema_decay:g})", flush=True)
     if len(alphas) > 1:  # the chosen alpha in each of val's slots: val's compiled searches, no new compile
         scores = scorer.score_alphas("test", [best] * len(alphas), tag="")[best]
     else:
         scores = scorer.score("test", alpha=best)
     results["splits"]["test"] = {k: scores[k] for k in keys}
-    print(f"test (alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}, length ratio "
-          f"{scores['length_ratio']:.3f}", flush=True)
+    print(f"test ({weights}, alpha {best:g}): BLEU {scores['bleu']:.2f}, lowercased BLEU {scores['bleu_lc']:.2f}, "
+          f"length ratio {scores['length_ratio']:.3f}", flush=True)
     results["total_minutes"] = (time.time() - start) / 60
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "results.json"), "w") as f:
@@ -110,7 +125,8 @@ def main(argv):
         print("Training curves:", plots.plot_training([workdir], os.path.join(workdir, "plots", "training.png")))
     print()
     print(f"| split | BLEU (cased) | BLEU (lowercased) | perplexity |  ({results['steps']} steps, "
-          f"{results['train_minutes']:.1f} min training, {results['total_minutes']:.1f} min in all, alpha {best:g})")
+          f"{results['train_minutes']:.1f} min training, {results['total_minutes']:.1f} min in all, alpha {best:g}, "
+          f"{weights} weights)")
     print("| --- | --- | --- | --- |")
     for split, s in results["splits"].items():
         name = "test_2016_flickr" if split == "test" else "val"

@@ -22,7 +22,7 @@ _TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k likeliest tokens (
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling: the smallest set with this probability.",
                             lower_bound=1e-6, upper_bound=1.0)
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed: the same seed gives the same samples.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", ["latest", "averaged"], "Which checkpoint to use.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "latest", list(inference.CHECKPOINTS), "Which checkpoint to use.")
 _STEP = flags.DEFINE_integer("step", None, "A saved step other than the newest.", lower_bound=0)
 flags.mark_flags_as_required(["workdir"])
 

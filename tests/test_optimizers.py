@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -45,3 +46,33 @@ def test_weight_decay_is_decoupled_from_adams_normalisation():
     np.testing.assert_allclose(decayed["kernel"] - plain["kernel"], -0.01 * 0.1 * 2.0, rtol=1e-4)
     np.testing.assert_allclose(decayed["bias"], plain["bias"])
 
+
+
+def test_moving_average_of_parameters_leaves_the_updates_alone_and_follows_its_recurrence():
+    """ema <- d * ema + (1 - d) * params after each update, from the initial parameters; the updates
+    (so training) are the inner optimizer's, bit for bit."""
+    opt = dataclasses.replace(config(weight_decay=0.1), ema_decay=0.75)
+    schedule = optax.constant_schedule(opt.learning_rate)
+    plain, averaged = optimizers.make_optimizer(dataclasses.replace(opt, ema_decay=0.0), schedule), \
+        optimizers.make_optimizer(opt, schedule)
+    params, plain_state, state = PARAMS, plain.init(PARAMS), averaged.init(PARAMS)
+    expected = PARAMS
+    for i in range(3):
+        grads = {k: jnp.full_like(v, 0.1 * (i + 1)) * jnp.sign(v) for k, v in PARAMS.items()}
+        plain_updates, plain_state = plain.update(grads, plain_state, params)
+        updates, state = averaged.update(grads, state, params)
+        jax.tree.map(np.testing.assert_array_equal, updates, plain_updates)
+        params = optax.apply_updates(params, updates)
+        expected = {k: 0.75 * expected[k] + 0.25 * params[k] for k in params}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), optimizers.ema_params(state), expected)
+    assert not np.allclose(optimizers.ema_params(state)["kernel"], params["kernel"])  # it lags the parameters
+    with pytest.raises(ValueError, match="ema_decay"):
+        optimizers.ema_params(plain_state)
+
+
+@pytest.mark.parametrize("decay", [-0.1, 1.0, 1.5])
+def test_ema_decay_outside_0_1_fails_in_the_config(decay):
+    cfg = multi30k.get_config("hour")
+    cfg.optimizer.ema_decay = decay
+    with pytest.raises(ValueError, match="optimizer.ema_decay"):
+        TrainConfig.from_dict(cfg)

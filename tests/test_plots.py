@@ -96,13 +96,14 @@ def test_plot_command(tmp_path):
 @pytest.mark.slow
 def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
     """The recipe's entry point end to end, shrunk to 4 updates of a 1-layer model: training, averaging,
-    BLEU on val and test, results.json, and the training curves it draws at the end."""
+    BLEU on val and test (the weights, averaged checkpoints or moving average, and the alpha chosen on
+    val), results.json, and the training curves it draws at the end."""
     workdir = tmp_path / "run"
     overrides = dict(num_train_steps=4, max_train_minutes=0, log_every=2, eval_every=4, bleu_every=0, prng_impl="",
                      **{"optimizer.warmup_steps": 1, "checkpoint.every": 2, "model.num_layers": 1,
                         "model.d_model": 32, "model.d_ff": 64, "model.num_heads": 2, "data.vocab_size": 300,
                         "data.batch_size": 32, "data.eval_batch_size": 64, "decode.beam_size": 2,
-                        "decode.batch_size": 250})
+                        "decode.batch_size": 250, "optimizer.ema_decay": 0.5})
     command = [sys.executable, "-m", "experiments.reproduce_multi30k", f"--workdir={workdir}",
                "--config=experiments/configs/multi30k.py:hour", f"--raw_dir={multi30k_dir}", "--num_average=2",
                "--alphas=0.6,1.5",
@@ -113,6 +114,13 @@ def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
         results = json.load(f)
     assert results["steps"] == 4 and results["averaged"] == [2, 4]
     assert set(results["splits"]) == {"validation", "test"}
+    # The weights were chosen on val: each candidate's best alpha, the better of the two taken.
+    candidates = results["weights_search"]
+    assert set(candidates) == {"averaged", "ema"} and results["weights"] in candidates
+    assert candidates[results["weights"]]["bleu_lc"] == max(c["bleu_lc"] for c in candidates.values())
+    assert candidates["averaged"]["perplexity"] != candidates["ema"]["perplexity"]  # different parameters
+    assert results["splits"]["validation"]["bleu_lc"] == candidates[results["weights"]]["bleu_lc"]
+    assert f"Weights chosen on val: {results['weights']}" in result.stdout
     # The length penalty was chosen on val, from one beam search serving both alphas.
     assert set(results["alpha_search"]) == {"0.6", "1.5"}
     best = results["splits"]["validation"]["alpha"]
@@ -123,7 +131,9 @@ def test_reproduce_multi30k_writes_results_and_its_plot(tmp_path, multi30k_dir):
         assert scores["length_ratio"] > 0  # hypothesis / reference tokens (the brevity penalty's)
     assert "length ratio" in result.stdout
     for alpha in ("0.6", "1.5"):
-        assert (workdir / "eval" / f"validation.averaged.alpha{alpha}.txt").exists()
+        for weights in ("averaged", "ema"):
+            assert (workdir / "eval" / f"validation.{weights}.alpha{alpha}.txt").exists()
+    assert (workdir / "eval" / f"test.{results['weights']}.json").exists()
     assert f"Training curves: {workdir / 'plots' / 'training.png'}" in result.stdout
     image = read_png(str(workdir / "plots" / "training.png"))
     assert image.shape[1] == 1000 and image.shape[0] > 600  # both columns, several metric rows

@@ -188,6 +188,12 @@ def test_old_workdir_configs_load_with_inapplicable_leaves_dropped():
     assert TrainConfig.from_dict(config, strict=False) == TrainConfig.from_dict(load("multi30k", "hour"))
 
 
+def test_a_stored_config_from_before_ema_decay_loads_without_a_moving_average():
+    config = load("multi30k", "hour").to_dict()
+    del config["optimizer"]["ema_decay"]  # the config.json of runs older than the field
+    assert TrainConfig.from_dict(ml_collections.ConfigDict(config)).optimizer.ema_decay == 0.0
+
+
 def test_unknown_leaf_in_a_stored_config_is_an_error():
     config = load("copy").to_dict()
     config["optimizer"]["momentum"] = 0.9

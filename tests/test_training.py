@@ -15,7 +15,7 @@ import pytest
 
 from experiments.configs import copy as copy_config
 from experiments.configs import lm_synthetic, mlm_synthetic
-from transformer import checkpointing, schedules, sharding, training
+from transformer import checkpointing, inference, schedules, sharding, training
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -69,6 +69,25 @@ def final_params(workdir, config):
     state, data_state, step = ckpt.restore(trainer.abstract_state)
     ckpt.close()
     return jax.device_get(state.params), data_state, step
+
+
+def test_a_moving_average_of_the_parameters_is_checkpointed_and_loads_as_ema(tmp_path):
+    """optimizer.ema_decay keeps the average in the optimizer state (so in every checkpoint) without
+    changing the training path; inference loads it as checkpoint "ema" and refuses runs without one."""
+    plain, averaged = str(tmp_path / "plain"), str(tmp_path / "ema")
+    training.train_and_evaluate(small_config(4), plain)
+    config = small_config(4)
+    config.optimizer.ema_decay = 0.5
+    training.train_and_evaluate(config, averaged)
+    expected, _, _ = final_params(plain, small_config(4))
+    _, _, latest, _, step = inference.load_for_inference(averaged)
+    _, _, ema, _, ema_step = inference.load_for_inference(averaged, "ema")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), jax.device_get(latest), expected)
+    assert step == ema_step == 4
+    assert jax.tree.structure(ema) == jax.tree.structure(latest)
+    assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(latest))) > 1e-4
+    with pytest.raises(ValueError, match="ema_decay"):
+        inference.load_for_inference(plain, "ema")
 
 
 def test_train_and_eval_steps_compile_once(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from transformer import checkpointing, evaluation, inputs, runtime, sharding, training
+from transformer import checkpointing, evaluation, inputs, optimizers, runtime, sharding, training
 from transformer import workdir as workdir_lib
 from transformer.run_config import TrainConfig
 
@@ -31,8 +31,14 @@ def load_config(workdir: str) -> TrainConfig:
         return TrainConfig.from_dict(ml_collections.ConfigDict(json.load(f)), strict=False)
 
 
+# Which parameters of a workdir: the newest training checkpoint's, the averaged checkpoint's
+# (`average_checkpoints`), or the moving average kept in the training checkpoint's optimizer state
+# (runs with optimizer.ema_decay > 0).
+CHECKPOINTS = ("latest", "averaged", "ema")
+
+
 def load_for_inference(workdir: str, checkpoint: str = "latest", step: int | None = None):
-    """(config, trainer, params, tokenizer or None, step) from a workdir's "latest" or "averaged" checkpoint.
+    """(config, trainer, params, tokenizer or None, step) from a workdir's checkpoint (one of CHECKPOINTS).
 
     `step` picks another saved step than the newest. `config` is the run's TrainConfig. The PRNG
     implementation becomes the run's (its checkpoints hold keys of that implementation). A damaged
@@ -49,9 +55,12 @@ def load_for_inference(workdir: str, checkpoint: str = "latest", step: int | Non
         vocab_size = tokenizer.vocab_size
     mesh = sharding.make_mesh(run.mesh.data, run.mesh.fsdp, run.mesh.tensor)
     trainer = training.Trainer(run, run.model_config(vocab_size), mesh)
-    directory = {"latest": "checkpoints", "averaged": "averaged"}.get(checkpoint)
+    directory = {"latest": "checkpoints", "averaged": "averaged", "ema": "checkpoints"}.get(checkpoint)
     if directory is None:
-        raise ValueError(f"checkpoint={checkpoint!r}: use 'latest' or 'averaged'.")
+        raise ValueError(f"checkpoint={checkpoint!r}: use one of {', '.join(map(repr, CHECKPOINTS))}.")
+    if checkpoint == "ema" and not run.optimizer.ema_decay:
+        raise ValueError(f"checkpoint='ema': the run in {workdir} kept no moving average of its parameters "
+                         "(optimizer.ema_decay is 0).")
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, directory))
     try:
         if ckpt.latest_step() is None:
@@ -66,7 +75,8 @@ def load_for_inference(workdir: str, checkpoint: str = "latest", step: int | Non
                 f"{e}." + (f" Pass --step=N to use another of the saved steps {others}." if others else "")) from e
     finally:
         ckpt.close()
-    return run, trainer, state.params, tokenizer, step
+    params = optimizers.ema_params(state.opt_state) if checkpoint == "ema" else state.params
+    return run, trainer, params, tokenizer, step
 
 
 def average_checkpoints(workdir: str, num_checkpoints: int) -> tuple[list[int], str]:
@@ -103,15 +113,23 @@ class SplitScorer:
                 f"{workdir} holds a {self.run.objective!r} run on {self.run.data.name!r} data: scoring needs a "
                 "translation run on real data.")
         self.workdir, self.checkpoint = workdir, checkpoint
-        self._splits = {}  # split -> (inputs, teacher-forced loss)
+        self._inputs = {}  # split -> its inputs (tokenized once)
+        self._losses = {}  # split -> teacher-forced loss of these parameters
         self._translators = {}  # beam size -> Translator: its compiled searches serve every alpha
 
+    def sibling(self, checkpoint: str, step: int | None = None) -> SplitScorer:
+        """A scorer of another checkpoint of the same run (e.g. "ema" beside "averaged") that shares this
+        one's split inputs and compiled searches: scoring both costs the decoding, not new compiles."""
+        other = SplitScorer(self.workdir, checkpoint, step)
+        other._inputs, other._translators = self._inputs, self._translators
+        return other
+
     def _split(self, split: str):
-        if split not in self._splits:
-            split_inputs = inputs.eval_inputs(self.run, self.tokenizer, split)  # the split alone, no training pipeline
-            loss = training.evaluate(self.trainer, self.params, split_inputs.eval_batches())  # per-token perplexity
-            self._splits[split] = split_inputs, loss
-        return self._splits[split]
+        if split not in self._inputs:  # the split alone, no training pipeline
+            self._inputs[split] = inputs.eval_inputs(self.run, self.tokenizer, split)
+        if split not in self._losses:  # per-token perplexity
+            self._losses[split] = training.evaluate(self.trainer, self.params, self._inputs[split].eval_batches())
+        return self._inputs[split], self._losses[split]
 
     def score(self, split: str, beam_size=None, alpha=None, tag: str = "") -> dict:
         """sacreBLEU (cased, lowercased) and perplexity on `split`, decoding with `beam_size` and

@@ -85,6 +85,7 @@ class OptimizerConfig:
     cycle_steps: tuple[int, ...] = ()  # "cosine_cycles": one entry per cycle
     cycle_lr_scales: tuple[float, ...] = ()
     cycle_warmup_steps: tuple[int, ...] = ()
+    ema_decay: float = 0.0  # > 0: also keep a moving average of the parameters (0 = none)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -361,6 +362,10 @@ class _Reader:
             out[name] = self.take(f, p(name), float)
         if out["grad_accum_steps"] <= 0:
             self.fail(p("grad_accum_steps"), "must be positive", out["grad_accum_steps"])
+        f.setdefault("ema_decay", 0.0)  # absent from the config.json of older runs (they kept no average)
+        out["ema_decay"] = self.take(f, p("ema_decay"), float, required=False) or 0.0
+        if not 0.0 <= out["ema_decay"] < 1.0:
+            self.fail(p("ema_decay"), "must be in [0, 1) (0 = no moving average; e.g. 0.999)", out["ema_decay"])
         reads = schedules.config_fields(schedule)
         kinds = dict(warmup_steps=int, cycle_steps=tuple, cycle_lr_scales=tuple, cycle_warmup_steps=tuple)
         for name, kind in kinds.items():

@@ -28,7 +28,7 @@ from experiments import cli
 from transformer import evaluation, inference, marian, models
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A translation run.")
-_CHECKPOINT = flags.DEFINE_enum("checkpoint", "averaged", ["latest", "averaged"], "Which checkpoint.")
+_CHECKPOINT = flags.DEFINE_enum("checkpoint", "averaged", list(inference.CHECKPOINTS), "Which checkpoint.")
 _MARIAN_DIR = flags.DEFINE_string("marian_dir", None, "Where the export is (written if missing).")
 _RAW_DIR = flags.DEFINE_string("raw_dir", os.path.join("..", "shared", "data", "multi30k"), "Multi30k raw files.")
 _SENTENCES = flags.DEFINE_integer("sentences", 1000, "test_2016_flickr sentences to use.")

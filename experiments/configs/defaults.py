@@ -77,6 +77,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.0
     config.optimizer.clip_grad_norm = 0.0  # 0 = no clipping
     config.optimizer.grad_accum_steps = 1  # micro-batches per update
+    # > 0: the optimizer state also keeps a moving average of the parameters, ema <- d * ema + (1 - d) *
+    # params after each update (~the last 1 / (1 - d) updates); score it with --checkpoint=ema.
+    config.optimizer.ema_decay = 0.0
 
     config.label_smoothing = 0.1  # paper, Sec. 5.4
     config.dropout = True  # False: train deterministically (tests, debugging)
