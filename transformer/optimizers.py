@@ -44,9 +44,9 @@ class ParamsEmaState(NamedTuple):
 def with_params_ema(inner: optax.GradientTransformation, decay: float) -> optax.GradientTransformation:
     """`inner`, keeping beside its state an exponential moving average of the parameters it produces.
 
-    After each update, ema <- decay * ema + (1 - decay) * params (Polyak averaging, as T5X and
-    big_vision keep it), starting from the initial parameters: with decay d the average weighs the
-    last ~1 / (1 - d) updates. The updates are `inner`'s, unchanged: training follows the same path
+    After each update, ema <- decay * ema + (1 - decay) * params (Polyak averaging in its exponential
+    form), starting from the initial parameters: with decay d the average weighs the last
+    ~1 / (1 - d) updates. The updates are `inner`'s, unchanged: training follows the same path
     with or without it. `ema_params(opt_state)` reads the average (for evaluation and export).
     """
     if not 0.0 < decay < 1.0:
