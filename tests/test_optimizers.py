@@ -47,7 +47,6 @@ def test_weight_decay_is_decoupled_from_adams_normalisation():
     np.testing.assert_allclose(decayed["bias"], plain["bias"])
 
 
-
 def test_moving_average_of_parameters_leaves_the_updates_alone_and_follows_its_recurrence():
     """ema <- d * ema + (1 - d) * params after each update, from the initial parameters; the updates
     (so training) are the inner optimizer's, bit for bit."""
