@@ -1,5 +1,7 @@
 """transformer.dropout: the masks of jax.random.bernoulli and flax's Dropout, bit for bit, by another route on CPU."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -59,3 +61,43 @@ def test_dropout_module_is_flax_dropout(rate, broadcast_dims):
     np.testing.assert_array_equal(ours, flax)
     assert ours.dtype == x.dtype
     np.testing.assert_array_equal(dropout.Dropout(rate).apply({}, x, deterministic=True), x)
+
+
+def _grad_of_dropout(module, x, w):
+    def loss(x):
+        y = module.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(42)})
+        return jnp.sum(y.astype(jnp.float32) * w)
+    return jax.jit(jax.value_and_grad(loss))
+
+
+@pytest.mark.parametrize("shape,broadcast_dims", [((4, 16, 8), ()), ((2, 3, 8, 24), ()), ((4, 16, 8), (1,)),
+                                                  ((4, 6, 8), ()), ((40,), ())])
+def test_dropout_gradient_is_flax_dropouts_bit_for_bit(shape, broadcast_dims):
+    # (4, 16, 8) and (2, 3, 8, 24) keep the mask packed for the gradient; 6 and 40 positions do not.
+    x = jax.random.normal(jax.random.key(0), shape, jnp.bfloat16)
+    w = jax.random.normal(jax.random.key(1), shape)
+    ours = _grad_of_dropout(dropout.Dropout(0.2, broadcast_dims=broadcast_dims), x, w)(x)
+    flax = _grad_of_dropout(nn.Dropout(0.2, broadcast_dims=broadcast_dims), x, w)(x)
+    for a, b in zip(ours, flax):
+        np.testing.assert_array_equal(a, b)
+    assert ours[1].dtype == x.dtype
+
+
+def test_masked_packs_eight_positions_a_byte_and_back():
+    keep = jax.random.bernoulli(jax.random.key(3), 0.7, (3, 24, 16))
+    packed = dropout._pack(keep)
+    assert packed.shape == (3, 3, 16) and packed.dtype == jnp.uint8
+    np.testing.assert_array_equal(dropout._unpack(packed, keep.shape), keep)
+    np.testing.assert_array_equal(packed[1, 2, 5], sum(int(keep[1, 16 + k, 5]) << k for k in range(8)))
+
+
+def _hash_passes(shape) -> int:
+    """How many compiled computations of a dropout's value and gradient run the Threefry hash (its 20 rotations)."""
+    x, w = jnp.ones(shape, jnp.bfloat16), jnp.ones(shape)
+    text = _grad_of_dropout(dropout.Dropout(0.2), x, w).lower(x).compile().as_text()
+    return sum(c.count("shift-left") >= 10 for c in re.split(r"\n(?=\S.*\{\n)", text))
+
+
+def test_the_gradient_reads_the_mask_instead_of_hashing_it_again():
+    assert _hash_passes((4, 16, 32)) == 1
+    assert _hash_passes((4, 6, 32)) == 2  # 6 positions: not packed, XLA hashes in the forward and the backward
