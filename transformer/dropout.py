@@ -110,9 +110,13 @@ def masked(x, keep, keep_prob: float):
     read by the forward select and by the gradient, which is JAX's (`select(keep, dy / keep_prob, 0)`)
     bit for bit. Elsewhere, the select itself.
     """
-    if x.ndim < 2 or x.shape[-2] % 8 or keep.shape != x.shape or runtime.trace_platform() != "cpu":
-        return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    if x.ndim < 2 or x.shape[-2] % 8 or runtime.trace_platform() != "cpu":
+        return _kept_scaled(keep, x, keep_prob)
     return _masked_packed(x, keep, keep_prob)
+
+
+def _kept_scaled(keep, x, keep_prob: float):
+    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
 
 
 _BITS = np.arange(8, dtype=np.uint8)[:, None]  # bit k of a byte: position 8 * t + k of [..., T, D]
@@ -131,17 +135,16 @@ def _unpack(packed, shape):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _masked_packed(x, keep, keep_prob):
-    return jax.lax.select(keep, x / keep_prob, jnp.zeros_like(x))
+    return _kept_scaled(keep, x, keep_prob)
 
 
 def _masked_packed_forward(x, keep, keep_prob):
     packed = _pack(keep)
-    return jax.lax.select(_unpack(packed, x.shape), x / keep_prob, jnp.zeros_like(x)), packed
+    return _kept_scaled(_unpack(packed, x.shape), x, keep_prob), packed
 
 
 def _masked_packed_backward(keep_prob, packed, dy):
-    keep = _unpack(packed, dy.shape)
-    return jax.lax.select(keep, dy / keep_prob, jnp.zeros_like(dy)), np.zeros(dy.shape, jax.dtypes.float0)
+    return _kept_scaled(_unpack(packed, dy.shape), dy, keep_prob), np.zeros(dy.shape, jax.dtypes.float0)
 
 
 _masked_packed.defvjp(_masked_packed_forward, _masked_packed_backward)
